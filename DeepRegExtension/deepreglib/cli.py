@@ -1,0 +1,195 @@
+"""The ``deepreg`` command (also ``python -m deepreglib``): the worker Slicer launches and the tool
+researchers run on cohorts.
+
+Exit codes (DESIGN.md): 0 done, 2 bad input (the message says what and how to fix), 3 cancelled,
+1 internal error.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+import traceback
+from pathlib import Path
+from typing import List, Optional
+
+EXIT_OK, EXIT_INTERNAL, EXIT_BAD_INPUT, EXIT_CANCELLED = 0, 1, 2, 3
+
+
+class _ArgumentParser(argparse.ArgumentParser):
+    """argparse exits with 2 on bad arguments, which is our bad-input code too; in JSON mode the
+    message must also be a JSON line, so errors are raised and reported by :func:`main`."""
+
+    def error(self, message):
+        from .errors import BadInputError
+        raise BadInputError(f"{self.prog}: {message} (see `{self.prog} --help`)")
+
+
+def _register_parser(sub) -> None:
+    from .pipeline import INIT_CHOICES
+    from .registry import DEFAULT_METHOD, method_names
+    p = sub.add_parser("register", help="register a moving image to a fixed image",
+                       description="Register MOVING to FIXED and write the warped image, the transform, "
+                                   "the Jacobian map, a QA picture and manifest.json to OUT.")
+    p.add_argument("--fixed", required=True, help="fixed (reference) image: NIfTI, NRRD, MHA/MHD or a DICOM folder")
+    p.add_argument("--moving", required=True, help="moving image, same formats")
+    p.add_argument("--method", default=DEFAULT_METHOD, choices=method_names())
+    p.add_argument("--out", required=True, help="output folder (must be new or empty)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps")
+    p.add_argument("--refine", type=int, default=0, metavar="N",
+                   help="N instance-optimisation steps after the network (0: none)")
+    p.add_argument("--init", default="none", choices=INIT_CHOICES, help="initial alignment")
+    p.add_argument("--initial-transform", default=None, help="ITK linear transform file (fixed->moving) to start from")
+    p.add_argument("--fixed-mask", default=None)
+    p.add_argument("--moving-mask", default=None)
+    p.add_argument("--fixed-labels", default=None, help="label map of the fixed image (Dice, refinement)")
+    p.add_argument("--moving-labels", default=None, help="label map of the moving image (warped and scored)")
+    p.add_argument("--fixed-landmarks", default=None, help="CSV or Slicer .mrk.json")
+    p.add_argument("--moving-landmarks", default=None, help="CSV or Slicer .mrk.json, same order")
+    p.add_argument("--weights", default=None, help="use these weights instead of the shipped ones")
+    p.add_argument("--no-qa", action="store_true", help="do not draw qa.png")
+    p.add_argument("--no-cpu-fallback", action="store_true", help="fail instead of retrying on the CPU after CUDA OOM")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
+    p.add_argument("--progress", default="bar", choices=("json", "bar", "none"),
+                   help="json: one JSON object per line on stdout (for Slicer); bar: a bar on stderr")
+
+
+def _cmd_register(args, reporter) -> int:
+    from .pipeline import RegisterOptions, register
+    opts = RegisterOptions(
+        fixed=args.fixed, moving=args.moving, out=args.out, method=args.method, device=args.device,
+        refine=args.refine, init=args.init, initial_transform=args.initial_transform,
+        fixed_mask=args.fixed_mask, moving_mask=args.moving_mask, fixed_labels=args.fixed_labels,
+        moving_labels=args.moving_labels, fixed_landmarks=args.fixed_landmarks,
+        moving_landmarks=args.moving_landmarks, weights=args.weights, qa=not args.no_qa,
+        cpu_fallback=not args.no_cpu_fallback, threads=args.threads)
+    manifest = register(opts, reporter)
+    reporter.result(str(manifest))
+    return EXIT_OK
+
+
+def _cmd_methods(args, reporter) -> int:
+    from .registry import METHODS
+    if args.json:
+        print(json.dumps([m.to_dict() for m in METHODS.values()], indent=2))
+        return EXIT_OK
+    for m in METHODS.values():
+        t = ", ".join(f"{k} ~{v:g} s" for k, v in m.expected_seconds.items())
+        print(f"{m.name:<12} {m.kind:<11} {m.title}\n{'':<24}{m.description}\n{'':<24}"
+              f"expected: {t}; weights: {m.weights or 'none needed'}\n")
+    return EXIT_OK
+
+
+def _cmd_train(args, reporter) -> int:
+    from .train import train
+    train(args, log=lambda msg: print(msg, flush=True))
+    return EXIT_OK
+
+
+def _cmd_report(args, reporter) -> int:
+    from .report import report_from_manifest
+    path = report_from_manifest(args.manifest, args.out)
+    print(path)
+    return EXIT_OK
+
+
+def _cmd_example(args, reporter) -> int:
+    """Make the bundled example pair (deterministic brain-like phantoms) and register it."""
+    from .example import write_example_pair
+    from .pipeline import RegisterOptions, register
+    from .registry import DEFAULT_METHOD
+    out = Path(args.out)
+    from .pipeline import check_output_folder
+    check_output_folder(out)
+    inputs = out.resolve().parent / f"{out.name}_inputs"
+    fixed, moving, fixed_labels, moving_labels = write_example_pair(inputs)
+    opts = RegisterOptions(fixed=str(fixed), moving=str(moving), out=str(out),
+                           method=args.method or DEFAULT_METHOD, device=args.device,
+                           refine=args.refine, fixed_labels=str(fixed_labels),
+                           moving_labels=str(moving_labels))
+    manifest = register(opts, reporter)
+    reporter.result(str(manifest))
+    data = json.loads(Path(manifest).read_text())
+    if args.progress != "json":
+        met = data["metrics"]
+        print(f"example inputs: {inputs}\nresults: {out}\n"
+              f"Dice (mean over labels) {met.get('dice_mean_before', float('nan')):.3f} -> "
+              f"{met.get('dice_mean_after', float('nan')):.3f}; NCC {met['ncc_before']:.3f} -> "
+              f"{met['ncc_after']:.3f}; folding {met['folding_percent']:.3f}%; "
+              f"time {data['timings']['total']:.1f} s on {data['device']}")
+    return EXIT_OK
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _ArgumentParser(prog="deepreg", description="Deep-learning 3D image registration (DeepRegExtension engine)")
+    sub = parser.add_subparsers(dest="command", parser_class=_ArgumentParser)
+    _register_parser(sub)
+    pm = sub.add_parser("methods", help="list the registration methods")
+    pm.add_argument("--json", action="store_true")
+    from .train import add_arguments
+    pt = sub.add_parser("train", help="train (or resume training) a method's network")
+    add_arguments(pt)
+    pr = sub.add_parser("report", help="draw the QA picture of a finished run")
+    pr.add_argument("manifest", help="a run's manifest.json")
+    pr.add_argument("--out", default=None, help="PNG path (default: qa.png beside the manifest)")
+    pe = sub.add_parser("example", help="register the bundled example pair (brain-like phantoms)")
+    pe.add_argument("--out", default="example_out", help="output folder (must be new or empty)")
+    pe.add_argument("--method", default=None)
+    pe.add_argument("--device", default="auto")
+    pe.add_argument("--refine", type=int, default=0)
+    for p in (pt, pr, pm):
+        p.set_defaults(progress="bar")
+    pe.add_argument("--progress", default="bar", choices=("json", "bar", "none"))
+    return parser
+
+
+def _make_reporter(kind: str):
+    from .progress import BarReporter, JsonReporter, SilentReporter
+    return {"json": JsonReporter, "bar": BarReporter}.get(kind, SilentReporter)()
+
+
+def _on_sigterm(signum, frame):
+    from .errors import CancelledError
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # once: cleanup must not be interrupted again
+    raise CancelledError("cancelled by signal %d" % signum)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    json_mode = "json" in argv and "--progress" in argv
+    from .progress import JsonReporter, BarReporter
+    reporter = JsonReporter() if json_mode else BarReporter()
+    from .errors import BadInputError, CancelledError
+    try:
+        signal.signal(signal.SIGTERM, _on_sigterm)
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        if not args.command:
+            parser.print_help()
+            return EXIT_BAD_INPUT
+        reporter = _make_reporter(getattr(args, "progress", "bar"))
+        handler = {"register": _cmd_register, "methods": _cmd_methods, "train": _cmd_train,
+                   "report": _cmd_report, "example": _cmd_example}[args.command]
+        return handler(args, reporter)
+    except SystemExit as e:  # --help
+        return int(e.code or 0)
+    except BadInputError as e:
+        reporter.error("bad_input", str(e))
+        return EXIT_BAD_INPUT
+    except (CancelledError, KeyboardInterrupt) as e:
+        reporter.error("cancelled", str(e) or "cancelled")
+        return EXIT_CANCELLED
+    except Exception as e:  # noqa: BLE001 - the worker must always answer in its protocol
+        tb = traceback.format_exc()
+        if isinstance(reporter, JsonReporter):
+            reporter.log(tb, "debug")
+        else:
+            sys.stderr.write(tb)
+        reporter.error("internal", f"{type(e).__name__}: {e}")
+        return EXIT_INTERNAL
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,74 @@
+"""What every registration method implements. Conventions: :mod:`deepreglib.conventions`."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Dict, Optional
+
+import numpy as np
+import torch
+
+from ..errors import CancelledError
+from ..geometry import Grid
+from ..preprocess import network_grid
+
+
+@dataclass
+class RunContext:
+    """Callbacks and options handed to :meth:`Method.run`.
+
+    ``progress(fraction, message)`` reports progress of the method's own stage (0..1);
+    ``cancel()`` returns True when the user asked to stop (methods call :meth:`check`).
+    """
+
+    progress: Callable[[float, str], None] = lambda f, m="": None
+    cancel: Callable[[], bool] = lambda: False
+    options: Dict[str, object] = field(default_factory=dict)
+
+    def check(self) -> None:
+        if self.cancel():
+            raise CancelledError("registration cancelled")
+
+
+@dataclass
+class MethodResult:
+    """A method's answer on its network grid.
+
+    Attributes:
+        displacement: ``(1, 3, D, H, W)`` voxel DDF on the network grid (deformable methods);
+            ``warped = moving(x + u(x))``.
+        velocity: ``(1, 3, d, h, w)`` SVF when the method is diffeomorphic (enables the exact
+            inverse and refinement from the network's answer), voxels of its own grid.
+        matrix: 4x4 physical (LPS) map fixed point -> moving point (rigid/affine methods).
+        volumes: extra scalar maps ``(1, 1, D, H, W)`` on the network grid (attention, ROI
+            masks, uncertainty); written resampled to the fixed grid.
+        info: small JSON-able facts for the manifest.
+    """
+
+    displacement: Optional[torch.Tensor] = None
+    velocity: Optional[torch.Tensor] = None
+    matrix: Optional[np.ndarray] = None
+    volumes: Dict[str, torch.Tensor] = field(default_factory=dict)
+    info: Dict[str, object] = field(default_factory=dict)
+
+
+class Method:
+    """Base class: a method sees the fixed and moving images already resampled onto the grid it
+    asked for (:meth:`grid_for`) and intensity-normalised to [0, 1]."""
+
+    #: longest side of the network grid, in voxels
+    max_size = 112
+    #: multiple every network-grid size must be
+    divisor = 16
+
+    def __init__(self, info, device: torch.device, **options):
+        self.info = info
+        self.device = torch.device(device)
+        self.options = options
+        self.weights_path = None
+        self.weights_sha256 = None
+
+    def grid_for(self, fixed: Grid) -> Grid:
+        return network_grid(fixed, self.max_size, self.divisor)
+
+    def run(self, fixed: torch.Tensor, moving: torch.Tensor, grid: Grid, ctx: RunContext) -> MethodResult:
+        raise NotImplementedError

@@ -1,0 +1,120 @@
+"""Self-describing model files: ``NAME.pt`` (a plain state dict) beside ``NAME.json`` (the
+network class, its constructor arguments, the file's sha256 and the model card's numbers).
+
+Loading never executes pickled code: ``torch.load(..., weights_only=True)`` after the checksum in
+the JSON has been verified.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, Dict, Optional, Tuple, Union
+
+import torch
+from torch import nn
+
+from .errors import BadInputError
+
+#: Network classes that may be rebuilt from a model file, by name. Filled by :func:`register_network`.
+NETWORKS: Dict[str, Callable[..., nn.Module]] = {}
+
+
+def register_network(cls):
+    """Class decorator / call: allow ``cls`` to be rebuilt from its saved configuration."""
+    NETWORKS[cls.__name__] = cls
+    return cls
+
+
+def _ensure_builtin_networks() -> None:
+    from .networks.voxelmorph import VoxelMorph
+    NETWORKS.setdefault("VoxelMorph", VoxelMorph)
+
+
+def models_dir() -> Path:
+    """Where shipped weights live: ``$DEEPREG_MODELS``, else the extension's ``Resources/Models``
+    (source tree and Slicer install), else the copy packaged as ``deepreglib.models``."""
+    env = os.environ.get("DEEPREG_MODELS")
+    if env:
+        return Path(env)
+    source_tree = Path(__file__).resolve().parents[2] / "Resources" / "Models"
+    if source_tree.is_dir():
+        return source_tree
+    try:
+        import deepreglib.models as packaged
+        return Path(packaged.__file__).resolve().parent
+    except ImportError:  # pragma: no cover - only when neither layout exists
+        return source_tree
+
+
+def sha256_file(path: Union[str, Path]) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix="." + path.name, dir=str(path.parent))
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def save_model(model: nn.Module, path: Union[str, Path], card: Optional[Dict[str, Any]] = None) -> Path:
+    """Write ``path`` (``.pt`` state dict) and ``path.with_suffix('.json')`` (class, config,
+    sha256, card). The model must carry its constructor arguments in ``model.config``."""
+    path = Path(path).with_suffix(".pt")
+    if not hasattr(model, "config"):
+        raise ValueError(f"{type(model).__name__} has no .config (its constructor arguments)")
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    _atomic_write(path, lambda p: torch.save(state, p))
+    meta = {"network": type(model).__name__, "config": model.config, "weights": path.name,
+            "sha256": sha256_file(path), "parameters": sum(p.numel() for p in model.parameters())}
+    meta.update(card or {})
+    _atomic_write(path.with_suffix(".json"),
+                  lambda p: p.write_text(json.dumps(meta, indent=2, sort_keys=False)))
+    return path
+
+
+def read_model_card(path: Union[str, Path]) -> Dict[str, Any]:
+    js = Path(path).with_suffix(".json")
+    if not js.is_file():
+        raise BadInputError(f"model description {js} is missing; a model needs NAME.pt and NAME.json")
+    return json.loads(js.read_text())
+
+
+def load_model(path: Union[str, Path], device: Union[str, torch.device] = "cpu",
+               verify: bool = True) -> Tuple[nn.Module, Dict[str, Any]]:
+    """Rebuild a network from ``NAME.json`` and load ``NAME.pt`` into it (eval mode).
+
+    Raises BadInputError if a file is missing, the checksum differs (a corrupted or swapped
+    file), or the network class is unknown.
+    """
+    _ensure_builtin_networks()
+    path = Path(path).with_suffix(".pt")
+    if not path.is_file():
+        raise BadInputError(f"weights file {path} is missing. Reinstall the extension, or train the "
+                            f"model with `deepreg train` and point DEEPREG_MODELS at its folder.")
+    card = read_model_card(path)
+    if verify:
+        digest = sha256_file(path)
+        if digest != card.get("sha256"):
+            raise BadInputError(f"checksum of {path} is {digest}, its model card says "
+                                f"{card.get('sha256')}: the file is corrupted or was replaced.")
+    cls = NETWORKS.get(card.get("network", ""))
+    if cls is None:
+        raise BadInputError(f"unknown network class {card.get('network')!r} in {path.with_suffix('.json')}")
+    model = cls(**card["config"])
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    model.load_state_dict(state)
+    return model.to(device).eval(), card

@@ -1,0 +1,242 @@
+"""Resumable unsupervised training: ``deepreg train METHOD --out DIR ...``.
+
+A run folder holds ``checkpoint.pt`` (weights, optimiser, step; plain tensors and numbers, loaded
+with ``weights_only=True``), ``loss.csv`` (one row per step) and ``config.json``. Starting the
+same command again continues from the checkpoint; batch ``i`` is a pure function of
+``(seed, i)``, so a resumed run sees the same data as an uninterrupted one.
+
+Each method registers a :class:`TrainingRecipe` (network, loss, defaults); ``voxelmorph`` is
+below, later methods add theirs with :func:`register_recipe`.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import BadInputError
+from .modelio import save_model, sha256_file
+
+
+@dataclass
+class TrainingRecipe:
+    """How to train one method.
+
+    Attributes:
+        build: ``(args) -> nn.Module`` (the module's ``.config`` is what gets saved).
+        loss: ``(model, batch) -> (total, {term: value})``; ``batch`` is a dict of tensors with
+            ``fixed``, ``moving`` ``(N, 1, D, H, W)`` in [0, 1] and, for synthetic pairs,
+            ``fixed_labels``, ``moving_labels``, ``displacement``.
+        description: one line for ``--help``.
+    """
+
+    build: Callable[[argparse.Namespace], nn.Module]
+    loss: Callable[[nn.Module, Dict[str, torch.Tensor], argparse.Namespace],
+                   Tuple[torch.Tensor, Dict[str, float]]]
+    description: str
+    lr: float = 1e-4
+
+
+RECIPES: Dict[str, TrainingRecipe] = {}
+
+
+def register_recipe(name: str, recipe: TrainingRecipe) -> None:
+    RECIPES[name] = recipe
+
+
+# -- data ------------------------------------------------------------------------------------
+def load_real_volumes(folder: Optional[str], spacing_mm: float = 2.0) -> List[torch.Tensor]:
+    """Unlabelled real scans for training, resampled to isotropic ``spacing_mm`` (block averaging
+    of the 1 mm OASIS volumes) and scaled to [0, 1] by robust percentiles; ``[]`` if no folder."""
+    if not folder:
+        return []
+    from .io import read_image
+    from .preprocess import normalize_intensity
+    vols = []
+    for p in sorted(Path(folder).glob("*.nii*")):
+        img = read_image(str(p))
+        arr = torch.from_numpy(np.asarray(
+            __import__("SimpleITK").GetArrayFromImage(img), dtype=np.float32))[None, None]
+        factors = [max(1, int(round(spacing_mm / s))) for s in img.GetSpacing()[::-1]]
+        arr = F.avg_pool3d(arr, kernel_size=factors, stride=factors)
+        vols.append(normalize_intensity(arr))
+    if not vols:
+        raise BadInputError(f"no NIfTI volumes (*.nii, *.nii.gz) in {folder}")
+    return vols
+
+
+def _rng(seed: int, step: int) -> np.random.Generator:
+    return np.random.default_rng([seed, step])
+
+
+def real_pair(vols: List[torch.Tensor], shape: Sequence[int], rng: np.random.Generator) -> Dict[str, torch.Tensor]:
+    """Two different subjects (inter-subject registration), the same random crop of both."""
+    i, j = rng.choice(len(vols), size=2, replace=len(vols) < 2)
+    a, b = vols[i], vols[j]
+    starts = []
+    for n, s in zip(a.shape[2:], shape):
+        starts.append(int(rng.integers(0, max(n - s, 0) + 1)))
+
+    def crop(v):
+        sl = [slice(None), slice(None)] + [slice(st, st + s) for st, s in zip(starts, shape)]
+        c = v[tuple(sl)]
+        pad = []
+        for n, s in zip(reversed(c.shape[2:]), reversed(shape)):
+            pad += [0, s - n]
+        return F.pad(c, pad) if any(pad) else c
+
+    scale = float(rng.uniform(0.9, 1.1))
+    return {"fixed": crop(a).clamp(0, 1), "moving": (crop(b) * scale).clamp(0, 1)}
+
+
+def synthetic_batch(shape: Sequence[int], seed: int, max_std: float) -> Dict[str, torch.Tensor]:
+    from .synth import synth_pair
+    p = synth_pair(tuple(shape), seed=seed, max_std=max_std, same_contrast=True)
+    return {"fixed": p.fixed, "moving": p.moving, "fixed_labels": p.fixed_labels,
+            "moving_labels": p.moving_labels, "displacement": p.displacement}
+
+
+def make_batch(step: int, args: argparse.Namespace, vols: List[torch.Tensor]) -> Dict[str, torch.Tensor]:
+    rng = _rng(args.seed, step)
+    if vols and rng.random() < args.real_fraction:
+        return real_pair(vols, args.shape, rng)
+    return synthetic_batch(args.shape, seed=int(rng.integers(0, 2 ** 31 - 1)), max_std=args.max_std)
+
+
+# -- the loop ----------------------------------------------------------------------------------
+def train(args: argparse.Namespace, log: Callable[[str], None] = print) -> Path:
+    """Run or resume training; returns the checkpoint path. Writes the model card and exports
+    ``NAME.pt`` / ``NAME.json`` with :func:`modelio.save_model` when ``--export`` is given."""
+    if args.method not in RECIPES:
+        raise BadInputError(f"no training recipe for {args.method!r}; choose one of {sorted(RECIPES)}")
+    recipe = RECIPES[args.method]
+    torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    ckpt_path = out / "checkpoint.pt"
+    device = torch.device(args.device)
+    model = recipe.build(args).to(device)
+    opt = torch.optim.Adam(model.parameters(), lr=args.lr or recipe.lr)
+    step = 0
+    if ckpt_path.is_file():
+        ckpt = torch.load(ckpt_path, map_location=device, weights_only=True)
+        model.load_state_dict(ckpt["model"])
+        opt.load_state_dict(ckpt["optimizer"])
+        step = int(ckpt["step"])
+        log(f"resumed {args.method} from {ckpt_path} at step {step}")
+    (out / "config.json").write_text(json.dumps(
+        {k: v for k, v in vars(args).items() if k != "func"}, indent=2, default=str))
+    vols = load_real_volumes(args.real_dir, args.real_spacing)
+    csv_path = out / "loss.csv"
+    new_csv = not csv_path.is_file()
+    t_start = time.time()
+    with open(csv_path, "a", newline="") as f:
+        writer = None
+        model.train()
+        while step < args.steps:
+            batch = {k: v.to(device) for k, v in make_batch(step, args, vols).items()}
+            t0 = time.time()
+            total, terms = recipe.loss(model, batch, args)
+            opt.zero_grad(set_to_none=True)
+            total.backward()
+            opt.step()
+            step += 1
+            row = {"step": step, "loss": float(total), **terms, "seconds": time.time() - t0,
+                   "real": int("displacement" not in batch)}
+            if writer is None:
+                writer = csv.DictWriter(f, fieldnames=list(row), extrasaction="ignore")
+                if new_csv:
+                    writer.writeheader()
+            writer.writerow(row)
+            f.flush()
+            if step % args.log_every == 0:
+                log(f"step {step}/{args.steps} loss {float(total):.4f} " +
+                    " ".join(f"{k} {v:.4f}" for k, v in terms.items()))
+            if step % args.checkpoint_every == 0 or step == args.steps:
+                _save_checkpoint(ckpt_path, model, opt, step)
+    log(f"trained to step {step} in {time.time() - t_start:.0f} s this session")
+    if args.export:
+        export(model, args, csv_path, step)
+    return ckpt_path
+
+
+def _save_checkpoint(path: Path, model: nn.Module, opt: torch.optim.Optimizer, step: int) -> None:
+    tmp = path.with_suffix(".tmp")
+    torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step}, tmp)
+    os.replace(tmp, path)
+
+
+def loss_summary(csv_path: Path, window: int = 100) -> Dict[str, float]:
+    """Mean loss over the first and the last ``window`` steps of a run's ``loss.csv``."""
+    with open(csv_path) as f:
+        rows = list(csv.DictReader(f))
+    if not rows:
+        return {}
+    first = [float(r["loss"]) for r in rows[:window]]
+    last = [float(r["loss"]) for r in rows[-window:]]
+    secs = [float(r["seconds"]) for r in rows]
+    return {"steps_logged": len(rows), "loss_first_mean": float(np.mean(first)),
+            "loss_last_mean": float(np.mean(last)), "seconds_per_step": float(np.mean(secs))}
+
+
+def export(model: nn.Module, args: argparse.Namespace, csv_path: Path, step: int) -> Path:
+    card = {"method": args.method, "iterations": step, "device": str(args.device),
+            "training": {"shape": list(args.shape), "batch": 1, "lr": args.lr or RECIPES[args.method].lr,
+                         "seed": args.seed, "synthetic_max_std": args.max_std,
+                         "real_dir": str(args.real_dir) if args.real_dir else None,
+                         "real_fraction": args.real_fraction if args.real_dir else 0.0,
+                         "real_spacing_mm": args.real_spacing},
+            "training_log": loss_summary(csv_path)}
+    path = save_model(model, args.export, card)
+    return path
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("method", help="method to train: " + ", ".join(sorted(RECIPES)) if RECIPES else "method")
+    p.add_argument("--out", required=True, help="run folder (checkpoint, loss.csv); reused to resume")
+    p.add_argument("--steps", type=int, default=2000, help="total optimiser steps (including resumed)")
+    p.add_argument("--shape", type=int, nargs=3, default=(64, 64, 64), metavar=("D", "H", "W"),
+                   help="training patch size (tensor order z y x)")
+    p.add_argument("--lr", type=float, default=None, help="learning rate (recipe default)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-std", type=float, default=3.0, help="synthetic deformation strength (voxels)")
+    p.add_argument("--real-dir", default=None, help="folder of unlabelled real NIfTI scans to mix in")
+    p.add_argument("--real-fraction", type=float, default=0.5)
+    p.add_argument("--real-spacing", type=float, default=2.0, help="mm; real scans are resampled to it")
+    p.add_argument("--reg-weight", type=float, default=1.0, help="smoothness weight")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=max(1, min(4, os.cpu_count() or 1)))
+    p.add_argument("--checkpoint-every", type=int, default=25)
+    p.add_argument("--log-every", type=int, default=10)
+    p.add_argument("--export", default=None, help="write NAME.pt + NAME.json (model card) here at the end")
+
+
+# -- voxelmorph ----------------------------------------------------------------------------------
+def _build_voxelmorph(args):
+    from .networks.voxelmorph import VoxelMorph
+    return VoxelMorph()
+
+
+def _voxelmorph_loss(model, batch, args):
+    from .losses import GradientSmoothness, LocalNCC
+    out = model(batch["moving"], batch["fixed"])
+    sim = LocalNCC(9)(out.warped, batch["fixed"])
+    reg = GradientSmoothness("l2")(out.displacement)
+    total = sim + args.reg_weight * reg
+    return total, {"ncc_loss": float(sim), "grad": float(reg)}
+
+
+register_recipe("voxelmorph", TrainingRecipe(
+    build=_build_voxelmorph, loss=_voxelmorph_loss, lr=1e-4,
+    description="diffeomorphic VoxelMorph, unsupervised (local NCC + gradient smoothness)"))
