@@ -100,18 +100,42 @@ def real_pair(vols: List[torch.Tensor], shape: Sequence[int], rng: np.random.Gen
     return {"fixed": crop(a).clamp(0, 1), "moving": (crop(b) * scale).clamp(0, 1)}
 
 
+_SYNTH_BANK: Dict[Tuple, Dict[str, torch.Tensor]] = {}
+
+
 def synthetic_batch(shape: Sequence[int], seed: int, max_std: float) -> Dict[str, torch.Tensor]:
-    from .synth import synth_pair
-    p = synth_pair(tuple(shape), seed=seed, max_std=max_std, same_contrast=True)
-    return {"fixed": p.fixed, "moving": p.moving, "fixed_labels": p.fixed_labels,
-            "moving_labels": p.moving_labels, "displacement": p.displacement}
+    """A synthetic pair, cached: training draws from a bank of ``--synth-bank`` pairs (with random
+    flips), because generating a pair costs about as much as a training step on a CPU."""
+    key = (tuple(shape), seed, max_std)
+    if key not in _SYNTH_BANK:
+        from .synth import synth_pair
+        p = synth_pair(tuple(shape), seed=seed, max_std=max_std, same_contrast=True)
+        _SYNTH_BANK[key] = {"fixed": p.fixed, "moving": p.moving, "fixed_labels": p.fixed_labels.to(torch.uint8),
+                            "moving_labels": p.moving_labels.to(torch.uint8)}
+    return dict(_SYNTH_BANK[key])
+
+
+def augment(batch: Dict[str, torch.Tensor], rng: np.random.Generator) -> Dict[str, torch.Tensor]:
+    """Random axis flips of every tensor of the pair and a random swap of fixed and moving
+    (both keep the pair's correspondence; no displacement target is used by the losses)."""
+    dims = [d for d in (2, 3, 4) if rng.random() < 0.5]
+    out = {k: (v.flip(dims) if dims else v) for k, v in batch.items()}
+    if rng.random() < 0.5:
+        out["fixed"], out["moving"] = out["moving"], out["fixed"]
+        if "fixed_labels" in out:
+            out["fixed_labels"], out["moving_labels"] = out["moving_labels"], out["fixed_labels"]
+    return out
 
 
 def make_batch(step: int, args: argparse.Namespace, vols: List[torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """Batch ``step`` of a run: a pure function of ``(args.seed, step)``."""
     rng = _rng(args.seed, step)
     if vols and rng.random() < args.real_fraction:
-        return real_pair(vols, args.shape, rng)
-    return synthetic_batch(args.shape, seed=int(rng.integers(0, 2 ** 31 - 1)), max_std=args.max_std)
+        batch = real_pair(vols, args.shape, rng)
+    else:
+        bank_seed = args.seed * 100_003 + int(rng.integers(0, max(1, args.synth_bank)))
+        batch = synthetic_batch(args.shape, seed=bank_seed, max_std=args.max_std)
+    return augment(batch, rng)
 
 
 # -- the loop ----------------------------------------------------------------------------------
@@ -153,7 +177,7 @@ def train(args: argparse.Namespace, log: Callable[[str], None] = print) -> Path:
             opt.step()
             step += 1
             row = {"step": step, "loss": float(total), **terms, "seconds": time.time() - t0,
-                   "real": int("displacement" not in batch)}
+                   "real": int("fixed_labels" not in batch)}
             if writer is None:
                 writer = csv.DictWriter(f, fieldnames=list(row), extrasaction="ignore")
                 if new_csv:
@@ -194,6 +218,7 @@ def export(model: nn.Module, args: argparse.Namespace, csv_path: Path, step: int
     card = {"method": args.method, "iterations": step, "device": str(args.device),
             "training": {"shape": list(args.shape), "batch": 1, "lr": args.lr or RECIPES[args.method].lr,
                          "seed": args.seed, "synthetic_max_std": args.max_std,
+                         "synthetic_bank": args.synth_bank, "reg_weight": args.reg_weight,
                          "real_dir": str(args.real_dir) if args.real_dir else None,
                          "real_fraction": args.real_fraction if args.real_dir else 0.0,
                          "real_spacing_mm": args.real_spacing},
@@ -211,6 +236,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lr", type=float, default=None, help="learning rate (recipe default)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-std", type=float, default=3.0, help="synthetic deformation strength (voxels)")
+    p.add_argument("--synth-bank", type=int, default=256, help="number of distinct synthetic pairs")
     p.add_argument("--real-dir", default=None, help="folder of unlabelled real NIfTI scans to mix in")
     p.add_argument("--real-fraction", type=float, default=0.5)
     p.add_argument("--real-spacing", type=float, default=2.0, help="mm; real scans are resampled to it")
@@ -234,7 +260,7 @@ def _voxelmorph_loss(model, batch, args):
     sim = LocalNCC(9)(out.warped, batch["fixed"])
     reg = GradientSmoothness("l2")(out.displacement)
     total = sim + args.reg_weight * reg
-    return total, {"ncc_loss": float(sim), "grad": float(reg)}
+    return total, {"ncc_loss": float(sim.detach()), "grad": float(reg.detach())}
 
 
 register_recipe("voxelmorph", TrainingRecipe(
