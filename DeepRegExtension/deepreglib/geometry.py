@@ -49,7 +49,10 @@ class Grid:
             raise BadInputError(f"direction must have 9 numbers (3x3), got {len(self.direction)}")
         if min(self.spacing) <= 0:
             raise BadInputError(f"spacing must be positive, got {self.spacing}")
-        if abs(abs(np.linalg.det(self.direction_matrix)) - 1.0) > 1e-3:
+        d = self.direction_matrix
+        # A determinant of +-1 alone would let shears through; the physical-unit Jacobian and
+        # Slicer's IJK-to-RAS assume a rotation (possibly with a reflection).
+        if not np.allclose(d.T @ d, np.eye(3), atol=1e-3):
             raise BadInputError(f"direction matrix is not orthonormal: {self.direction}")
 
     # -- construction ---------------------------------------------------------------------------
