@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from .conventions import ALIGN_CORNERS
-from .warp import identity_grid, warp
+from .warp import identity_grid, sample_at, warp
 
 
 def _check(u: torch.Tensor, name: str = "field") -> None:
@@ -30,8 +30,11 @@ def integrate_velocity(velocity: torch.Tensor, steps: int = 7) -> torch.Tensor:
     if steps < 0:
         raise ValueError(f"steps must be >= 0, got {steps}")
     u = velocity / (2 ** steps)
+    if steps == 0:
+        return u
+    grid = identity_grid(u.shape[2:], u.dtype, u.device)  # built once, not per squaring
     for _ in range(steps):
-        u = u + warp(u, u, padding="border")
+        u = u + sample_at(u, grid + u, padding="border")
     return u
 
 
