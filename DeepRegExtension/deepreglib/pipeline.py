@@ -299,6 +299,7 @@ def register(opts: RegisterOptions, reporter: Optional[Reporter] = None,
     # -- write (to a temporary folder, renamed when complete) ----------------------------------
     with timer.stage("write"):
         reporter.progress("write", 0.0, "writing outputs")
+        t_write = time.perf_counter()
         tmp = out.resolve().parent / f".{out.name}.partial-{os.getpid()}"
         if tmp.exists():
             shutil.rmtree(tmp)
@@ -391,6 +392,8 @@ def register(opts: RegisterOptions, reporter: Optional[Reporter] = None,
                               title=f"{opts.method}: {Path(opts.moving).name} -> {Path(opts.fixed).name}")
                 outputs.append({"name": "qa", "kind": "qa_png", "path": "qa.png", "grid": None,
                                 "description": "QA picture"})
+            timings["write"] = time.perf_counter() - t_write
+            timings["total"] = time.perf_counter() - t_total
             (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
             check()
             if out.exists():
