@@ -63,6 +63,7 @@ def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     os.close(fd)
     try:
         write(Path(tmp))
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600; shipped files must be readable by all
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

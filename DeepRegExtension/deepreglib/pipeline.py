@@ -170,7 +170,7 @@ def register(opts: RegisterOptions, reporter: Optional[Reporter] = None,
     reporter = reporter or SilentReporter()
     timer = _Timer()
     t_total = time.perf_counter()
-    out = Path(opts.out)
+    out = Path(opts.out).resolve()
     info = get_method_info(opts.method)
     if opts.init not in INIT_CHOICES:
         raise BadInputError(f"--init must be one of {', '.join(INIT_CHOICES)}, got {opts.init!r}")
@@ -320,13 +320,13 @@ def register(opts: RegisterOptions, reporter: Optional[Reporter] = None,
             add("warped", "volume", "warped.nii.gz", fixed_grid, "moving image resampled onto the fixed grid",
                 io.tensor_to_image(warped, fixed_grid))
             if info.kind == "deformable":
-                add("transform", "displacement_field", "displacement.nii.gz", fixed_grid,
+                add("transform", "displacement_field", "displacement.mha", fixed_grid,
                     "fixed->moving displacement (ITK vector image, LPS mm, on the fixed grid; the "
                     "initial transform is included)",
                     writer=lambda p: io.write_displacement_field(
                         displacement_mm_to_voxel(total_mm.double(), fixed_grid).float(), fixed_grid, str(p)))
                 if inverse_mm is not None:
-                    add("inverse_transform", "displacement_field", "inverse_displacement.nii.gz",
+                    add("inverse_transform", "displacement_field", "inverse_displacement.mha",
                         moving_grid, "moving->fixed displacement on the moving grid (exact inverse of the "
                         "diffeomorphism, integrated from the negated velocity)",
                         writer=lambda p: io.write_displacement_field(
@@ -476,7 +476,7 @@ def _metrics(fixed_t, before, warped, jac, fixed_grid, moving_grid, matrix, u_mm
          "folding_percent": 100.0 * folding_fraction(jac), "sdlogj": std_log_jacobian(jac),
          "jacobian_min": float(jac.min()), "jacobian_max": float(jac.max())}
     if u_mm is not None:
-        m["max_displacement_mm"] = float(u_mm.norm(dim=1).max())
+        m["max_displacement_mm"] = float((u_mm * u_mm).sum(dim=1).max().sqrt())
     if "fixed_labels" in labels and "moving_labels" in labels:
         fl = _to_grid(labels["fixed_labels"][0], labels["fixed_labels"][1], fixed_grid, "nearest").round().long()
         ml, mg = labels["moving_labels"]

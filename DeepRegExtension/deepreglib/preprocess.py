@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from .geometry import Grid, displacement_mm_to_voxel, displacement_voxel_to_mm, voxel_grid_points
-from .warp import sample_at
+from .warp import identity_grid, sample_at
 
 
 def normalize_intensity(image: torch.Tensor, low: float = 0.5, high: float = 99.5,
@@ -63,11 +63,12 @@ def field_to_fixed_grid(u_net: torch.Tensor, net: Grid, fixed: Grid) -> torch.Te
         ``(1, 3, D, H, W)`` LPS millimetres ``(x, y, z)`` at every fixed voxel centre (the field
         is sampled trilinearly; outside the network grid it continues the border value).
     """
-    u_mm = displacement_voxel_to_mm(u_net.double(), net)
-    points = voxel_grid_points(fixed, torch.float64)  # (1, 3, D, H, W) LPS
-    m = torch.as_tensor(net.physical_to_index_matrix, dtype=torch.float64)
-    idx = torch.einsum("pc,ncdhw->npdhw", m[:3, :3], points) + m[:3, 3].view(1, 3, 1, 1, 1)
-    return sample_at(u_mm, idx, "linear", "border").float()
+    u_mm = displacement_voxel_to_mm(u_net.float(), net)
+    # fixed voxel index -> network voxel index is one affine map (float32 is ample: indices < 1e3)
+    m = torch.as_tensor(net.physical_to_index_matrix @ fixed.index_to_physical_matrix, dtype=torch.float32)
+    idx = identity_grid(fixed.shape, torch.float32)
+    idx = torch.einsum("pc,ncdhw->npdhw", m[:3, :3], idx) + m[:3, 3].view(1, 3, 1, 1, 1)
+    return sample_at(u_mm, idx, "linear", "border")
 
 
 def field_to_network_grid(u_mm: torch.Tensor, fixed: Grid, net: Grid) -> torch.Tensor:

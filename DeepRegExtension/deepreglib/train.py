@@ -159,10 +159,13 @@ def train(args: argparse.Namespace, log: Callable[[str], None] = print) -> Path:
         opt.load_state_dict(ckpt["optimizer"])
         step = int(ckpt["step"])
         log(f"resumed {args.method} from {ckpt_path} at step {step}")
-    (out / "config.json").write_text(json.dumps(
-        {k: v for k, v in vars(args).items() if k != "func"}, indent=2, default=str))
-    vols = load_real_volumes(args.real_dir, args.real_spacing)
+    if step < args.steps:
+        (out / "config.json").write_text(json.dumps(
+            {k: v for k, v in vars(args).items() if k != "func"}, indent=2, default=str))
+    vols = load_real_volumes(args.real_dir, args.real_spacing) if step < args.steps else []
     csv_path = out / "loss.csv"
+    if step < args.steps:
+        _truncate_log(csv_path, step)  # rows past the checkpoint are redone after a resume
     new_csv = not csv_path.is_file()
     t_start = time.time()
     with open(csv_path, "a", newline="") as f:
@@ -176,7 +179,7 @@ def train(args: argparse.Namespace, log: Callable[[str], None] = print) -> Path:
             total.backward()
             opt.step()
             step += 1
-            row = {"step": step, "loss": float(total), **terms, "seconds": time.time() - t0,
+            row = {"step": step, "loss": float(total.detach()), **terms, "seconds": time.time() - t0,
                    "real": int("fixed_labels" not in batch)}
             if writer is None:
                 writer = csv.DictWriter(f, fieldnames=list(row), extrasaction="ignore")
@@ -185,7 +188,7 @@ def train(args: argparse.Namespace, log: Callable[[str], None] = print) -> Path:
             writer.writerow(row)
             f.flush()
             if step % args.log_every == 0:
-                log(f"step {step}/{args.steps} loss {float(total):.4f} " +
+                log(f"step {step}/{args.steps} loss {float(total.detach()):.4f} " +
                     " ".join(f"{k} {v:.4f}" for k, v in terms.items()))
             if step % args.checkpoint_every == 0 or step == args.steps:
                 _save_checkpoint(ckpt_path, model, opt, step)
@@ -193,6 +196,17 @@ def train(args: argparse.Namespace, log: Callable[[str], None] = print) -> Path:
     if args.export:
         export(model, args, csv_path, step)
     return ckpt_path
+
+
+def _truncate_log(csv_path: Path, step: int) -> None:
+    if not csv_path.is_file():
+        return
+    with open(csv_path) as f:
+        lines = f.readlines()
+    keep = lines[:1] + [ln for ln in lines[1:] if ln.split(",", 1)[0].isdigit() and int(ln.split(",", 1)[0]) <= step]
+    if len(keep) != len(lines):
+        with open(csv_path, "w") as f:
+            f.writelines(keep)
 
 
 def _save_checkpoint(path: Path, model: nn.Module, opt: torch.optim.Optimizer, step: int) -> None:
@@ -215,16 +229,22 @@ def loss_summary(csv_path: Path, window: int = 100) -> Dict[str, float]:
 
 
 def export(model: nn.Module, args: argparse.Namespace, csv_path: Path, step: int) -> Path:
-    card = {"method": args.method, "iterations": step, "device": str(args.device),
-            "training": {"shape": list(args.shape), "batch": 1, "lr": args.lr or RECIPES[args.method].lr,
-                         "seed": args.seed, "synthetic_max_std": args.max_std,
-                         "synthetic_bank": args.synth_bank, "reg_weight": args.reg_weight,
-                         "real_dir": str(args.real_dir) if args.real_dir else None,
-                         "real_fraction": args.real_fraction if args.real_dir else 0.0,
-                         "real_spacing_mm": args.real_spacing},
+    """Write the model and its card; the card's training settings come from the run folder's
+    ``config.json`` (what the run was trained with), not from the exporting command line."""
+    cfg_path = Path(args.out) / "config.json"
+    cfg = json.loads(cfg_path.read_text()) if cfg_path.is_file() else vars(args)
+    card = {"method": args.method, "iterations": step, "device": str(cfg.get("device")),
+            "threads": cfg.get("threads"),
+            "training": {"shape": list(cfg.get("shape")), "batch": 1,
+                         "lr": cfg.get("lr") or RECIPES[args.method].lr, "seed": cfg.get("seed"),
+                         "synthetic_max_std": cfg.get("max_std"), "synthetic_bank": cfg.get("synth_bank"),
+                         "reg_weight": cfg.get("reg_weight"),
+                         "real_dir": str(cfg.get("real_dir")) if cfg.get("real_dir") else None,
+                         "real_fraction": cfg.get("real_fraction") if cfg.get("real_dir") else 0.0,
+                         "real_spacing_mm": cfg.get("real_spacing"),
+                         "loss": RECIPES[args.method].description},
             "training_log": loss_summary(csv_path)}
-    path = save_model(model, args.export, card)
-    return path
+    return save_model(model, args.export, card)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -1,0 +1,604 @@
+"""DeepRegistration: deep-learning image registration in 3D Slicer, run in a background process.
+
+Thin by design (STYLE.md): the widget reads and writes the parameter node; the Logic converts
+nodes to files, starts/cancels the worker (``PythonSlicer -m deepreglib register``) and loads
+its outputs; all image math is in the engine (``deepreglib``). Helpers: ``DeepRegistrationLib``.
+"""
+
+import logging
+import os
+import shutil
+import sys
+import tempfile
+import time
+from typing import Optional
+
+try:  # inside Slicer
+    import qt
+    import slicer
+    from slicer.ScriptedLoadableModule import (ScriptedLoadableModule, ScriptedLoadableModuleLogic,
+                                               ScriptedLoadableModuleTest, ScriptedLoadableModuleWidget)
+    from slicer.parameterNodeWrapper import WithinRange, parameterNodeWrapper
+    from slicer.util import VTKObservationMixin
+    from typing import Annotated, Union
+    _IN_SLICER = True
+except ImportError:  # plain Python (+ slicer-core): the Logic stays usable and testable
+    _IN_SLICER = False
+
+    class _Standin:
+        """Base classes outside the application (distinct classes, so the MRO stays valid)."""
+
+        def __init__(self, *args, **kwargs):
+            pass
+
+    class ScriptedLoadableModule(_Standin):
+        pass
+
+    class ScriptedLoadableModuleWidget(_Standin):
+        pass
+
+    class ScriptedLoadableModuleLogic(_Standin):
+        pass
+
+    class ScriptedLoadableModuleTest(_Standin):
+        pass
+
+    class VTKObservationMixin(_Standin):
+        pass
+
+_MODULE_DIR = os.path.dirname(os.path.abspath(__file__))
+if _MODULE_DIR not in sys.path:
+    sys.path.insert(0, _MODULE_DIR)
+
+from DeepRegistrationLib import scene as dscene  # noqa: E402
+from DeepRegistrationLib.process import WorkerProcess, default_python, register_command  # noqa: E402
+
+DEVICE_AUTO, DEVICE_CPU = "auto", "cpu"
+
+
+def resource_path(relative: str) -> str:
+    """A file of ``Resources/``: next to the installed module, else the source tree's top level."""
+    for base in (os.path.join(_MODULE_DIR, "Resources"), os.path.join(os.path.dirname(_MODULE_DIR), "Resources")):
+        candidate = os.path.join(base, relative)
+        if os.path.exists(candidate):
+            return candidate
+    return os.path.join(_MODULE_DIR, "Resources", relative)
+
+
+#
+# Module
+#
+class DeepRegistration(ScriptedLoadableModule):
+    def __init__(self, parent):
+        ScriptedLoadableModule.__init__(self, parent)
+        self.parent.title = "Deep Registration"
+        self.parent.categories = ["Registration"]
+        self.parent.dependencies = []
+        self.parent.contributors = ["DeepRegExtension developers"]
+        self.parent.helpText = (
+            "Register a moving volume to a fixed volume with a deep-learning method (VoxelMorph, "
+            "attention-based variants) or a weight-free iterative method. The registration runs "
+            "in a separate process: Slicer stays responsive and Cancel stops it at once. Results: "
+            "warped volume, transform (grid or linear, with inverse), Jacobian map and the "
+            "method's attention maps. See the DeformationQA module to judge the result.")
+        self.parent.acknowledgementText = (
+            "Methods follow VoxelMorph (Dalca et al. 2018/2019, Balakrishnan et al. 2019) and the "
+            "papers listed in each model card. Module layout follows Slicer's scripted-module "
+            "template and SlicerElastix.")
+        self.parent.icon = qt.QIcon(resource_path("Icons/DeepRegistration.png")) if _IN_SLICER else None
+
+
+#
+# Parameter node
+#
+if _IN_SLICER:
+    @parameterNodeWrapper
+    class DeepRegistrationParameterNode:
+        """Everything a run needs; saved with the scene."""
+
+        fixedVolume: slicer.vtkMRMLScalarVolumeNode
+        movingVolume: slicer.vtkMRMLScalarVolumeNode
+        method: str = "voxelmorph"
+        device: str = DEVICE_AUTO
+        refineSteps: Annotated[int, WithinRange(0, 1000)] = 0
+        initialization: str = "none"
+        fixedMask: Union[slicer.vtkMRMLSegmentationNode, slicer.vtkMRMLLabelMapVolumeNode]
+        movingMask: Union[slicer.vtkMRMLSegmentationNode, slicer.vtkMRMLLabelMapVolumeNode]
+        fixedLandmarks: slicer.vtkMRMLMarkupsFiducialNode
+        movingLandmarks: slicer.vtkMRMLMarkupsFiducialNode
+        initialTransform: slicer.vtkMRMLLinearTransformNode
+        outputVolume: slicer.vtkMRMLScalarVolumeNode
+        outputTransform: slicer.vtkMRMLTransformNode
+        createJacobian: bool = True
+        createInverse: bool = True
+        showMethodOutputs: bool = True
+        overlayOpacity: Annotated[float, WithinRange(0.0, 1.0)] = 0.5
+        keepTemporaryFiles: bool = False
+
+
+#
+# Widget
+#
+class DeepRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
+    POLL_MS = 100
+
+    def __init__(self, parent=None) -> None:
+        ScriptedLoadableModuleWidget.__init__(self, parent)
+        VTKObservationMixin.__init__(self)
+        self.logic = None
+        self._parameterNode = None
+        self._parameterNodeGuiTag = None
+        self._run = None
+        self._overlays = []
+
+    def setup(self) -> None:
+        ScriptedLoadableModuleWidget.setup(self)
+        uiWidget = slicer.util.loadUI(resource_path("UI/DeepRegistration.ui"))
+        self.layout.addWidget(uiWidget)
+        self.ui = slicer.util.childWidgetVariables(uiWidget)
+        uiWidget.setMRMLScene(slicer.mrmlScene)
+        self.logic = DeepRegistrationLogic()
+
+        for info in self.logic.methods():
+            self.ui.methodComboBox.addItem(info.title, info.name)
+        self.ui.deviceComboBox.addItem("Auto (GPU if available)", DEVICE_AUTO)
+        self.ui.deviceComboBox.addItem("CPU", DEVICE_CPU)
+        for label, value in (("None", "none"), ("Centre of mass", "center"), ("Moments", "moments"),
+                             ("Rigid", "rigid"), ("Affine", "affine")):
+            self.ui.initializationComboBox.addItem(label, value)
+
+        self.ui.methodComboBox.currentIndexChanged.connect(self.onMethodSelected)
+        self.ui.deviceComboBox.currentIndexChanged.connect(self.onDeviceSelected)
+        self.ui.initializationComboBox.currentIndexChanged.connect(self.onInitializationSelected)
+        self.ui.refreshDevicesButton.clicked.connect(self.onRefreshDevices)
+        self.ui.applyButton.clicked.connect(self.onApplyButton)
+        self.ui.overlayOpacitySlider.valueChanged.connect(self.onOverlayOpacity)
+        self.ui.overlaySelector.currentNodeChanged.connect(self.onOverlaySelected)
+
+        self._timer = qt.QTimer()
+        self._timer.setInterval(self.POLL_MS)
+        self._timer.timeout.connect(self.onPoll)
+
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
+        self.initializeParameterNode()
+
+    def cleanup(self) -> None:
+        if self._run is not None:
+            self._run.cancel()
+        self.removeObservers()
+
+    def enter(self) -> None:
+        self.initializeParameterNode()
+
+    def exit(self) -> None:
+        if self._parameterNode:
+            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self._parameterNodeGuiTag = None
+            self.removeObserver(self._parameterNode, vtk_modified_event(), self._updateGUI)
+
+    def onSceneStartClose(self, caller, event) -> None:
+        if self._run is not None:
+            self._run.cancel()
+        self.setParameterNode(None)
+
+    def onSceneEndClose(self, caller, event) -> None:
+        if self.parent.isEntered:
+            self.initializeParameterNode()
+
+    def initializeParameterNode(self) -> None:
+        self.setParameterNode(self.logic.getParameterNode())
+        if not self._parameterNode.fixedVolume:
+            first = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
+            if first:
+                self._parameterNode.fixedVolume = first
+
+    def setParameterNode(self, inputParameterNode) -> None:
+        if self._parameterNode:
+            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self.removeObserver(self._parameterNode, vtk_modified_event(), self._updateGUI)
+        self._parameterNode = inputParameterNode
+        if self._parameterNode:
+            self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
+            self.addObserver(self._parameterNode, vtk_modified_event(), self._updateGUI)
+            self._updateGUI()
+
+    # -- parameter node <-> the widgets connectGui cannot bind (item data, not text) ----------
+    def _updateGUI(self, caller=None, event=None) -> None:
+        p = self._parameterNode
+        if p is None:
+            return
+        for combo, value in ((self.ui.methodComboBox, p.method), (self.ui.deviceComboBox, p.device),
+                             (self.ui.initializationComboBox, p.initialization)):
+            index = combo.findData(value)
+            if index >= 0 and combo.currentIndex != index:
+                combo.blockSignals(True)  # showing the node's value must not write it back
+                combo.setCurrentIndex(index)
+                combo.blockSignals(False)
+        info = self.logic.methodInfo(p.method)
+        if info is not None:
+            times = ", ".join(f"{k.upper()} ~{v:g} s" for k, v in info.expected_seconds.items())
+            self.ui.methodDescriptionLabel.text = (f"{info.description}\nKind: {info.kind}. Expected "
+                                                   f"time (160x192x224): {times}.\n{info.input_note}")
+            self.ui.refineStepsSpinBox.enabled = info.supports_refine
+        running = self._run is not None
+        self.ui.applyButton.text = "Cancel" if running else "Apply"
+        self.ui.applyButton.toolTip = ("Stop the registration (the worker and all it started)" if running
+                                       else "Register the moving volume to the fixed volume")
+        self.ui.applyButton.enabled = running or bool(p.fixedVolume and p.movingVolume and p.fixedVolume != p.movingVolume)
+        self.ui.inputsCollapsibleButton.enabled = not running
+        self.ui.outputsCollapsibleButton.enabled = not running
+
+    def onMethodSelected(self, index) -> None:
+        if self._parameterNode and index >= 0:
+            self._parameterNode.method = self.ui.methodComboBox.itemData(index)
+
+    def onDeviceSelected(self, index) -> None:
+        if self._parameterNode and index >= 0:
+            self._parameterNode.device = self.ui.deviceComboBox.itemData(index)
+
+    def onInitializationSelected(self, index) -> None:
+        if self._parameterNode and index >= 0:
+            self._parameterNode.initialization = self.ui.initializationComboBox.itemData(index)
+
+    def onRefreshDevices(self) -> None:
+        """List CUDA/MPS devices with free memory; imports torch, so only on request."""
+        with slicer.util.tryWithErrorDisplay("Could not list the devices.", waitCursor=True):
+            devices = self.logic.devices()
+        current = self._parameterNode.device if self._parameterNode else DEVICE_AUTO
+        self.ui.deviceComboBox.blockSignals(True)
+        self.ui.deviceComboBox.clear()
+        for label, value in devices:
+            self.ui.deviceComboBox.addItem(label, value)
+        self.ui.deviceComboBox.blockSignals(False)
+        index = self.ui.deviceComboBox.findData(current)
+        self.ui.deviceComboBox.setCurrentIndex(max(0, index))
+
+    # -- run / cancel -----------------------------------------------------------------------------
+    def onApplyButton(self) -> None:
+        if self._run is not None:
+            self._run.cancel()
+            self.ui.statusLabel.text = "Cancelling..."
+            return
+        from DeepRegistrationLib.dependencies import ensure_dependencies
+        with slicer.util.tryWithErrorDisplay("Could not install the required Python packages.", waitCursor=True):
+            if not ensure_dependencies(lambda msg: slicer.util.confirmOkCancelDisplay(msg, "DeepRegistration"),
+                                       log=self._log):
+                return
+        with slicer.util.tryWithErrorDisplay("Could not start the registration.", waitCursor=True):
+            self.ui.logTextEdit.clear()
+            self.ui.progressBar.value = 0
+            self._run = self.logic.runFromParameterNode(self._parameterNode)
+            self._log(" ".join(self._run.worker.args))
+            self._timer.start()
+        self._updateGUI()
+
+    def onPoll(self) -> None:
+        run = self._run
+        if run is None:
+            self._timer.stop()
+            return
+        for event in run.poll():
+            kind = event.get("event")
+            if kind == "progress":
+                self.ui.progressBar.value = int(round(100 * run.worker.fraction))
+                self.ui.statusLabel.text = f"{event.get('stage', '')}: {event.get('message', '')}"
+            elif kind in ("log", "error") and event.get("level") != "debug":
+                self._log(f"{event.get('level', kind)}: {event.get('message', '')}")
+        if not run.worker.finished:
+            return
+        self._timer.stop()
+        self._run = None
+        try:
+            results = run.finish()
+        except Exception as e:  # noqa: BLE001 - loading failed: say so, keep Slicer usable
+            slicer.util.errorDisplay(f"The registration finished but its results could not be loaded: {e}")
+            results = None
+        outcome = run.outcome
+        self.ui.statusLabel.text = outcome.message
+        if outcome.status in ("bad_input", "failed"):
+            slicer.util.errorDisplay(outcome.message, detailedText=outcome.details or None)
+        elif results is not None:
+            self._showResults(results)
+        self._updateGUI()
+
+    def _showResults(self, results) -> None:
+        m = results.metrics
+        parts = []
+        if "folding_percent" in m:
+            parts.append(f"folding {m['folding_percent']:.3f}%")
+        if "sdlogj" in m:
+            parts.append(f"SDlogJ {m['sdlogj']:.3f}")
+        if "ncc_before" in m and "ncc_after" in m:
+            parts.append(f"NCC {m['ncc_before']:.3f} -> {m['ncc_after']:.3f}")
+        if "tre_before_mm" in m:
+            parts.append(f"TRE {m['tre_before_mm']:.2f} -> {m['tre_after_mm']:.2f} mm")
+        self.ui.metricsLabel.text = "; ".join(parts) or "(no metrics)"
+        for message in results.messages:
+            self._log("note: " + message)
+        fixed = self._parameterNode.fixedVolume
+        warped = results.nodes.get("warped") or self._parameterNode.movingVolume
+        slicer.util.setSliceViewerLayers(background=fixed, foreground=warped, foregroundOpacity=0.5)
+        self._overlays = results.overlays
+        if results.overlays:
+            self.ui.overlaySelector.setCurrentNode(results.overlays[0])
+
+    def onOverlaySelected(self, node) -> None:
+        if node is not None and self._parameterNode is not None:
+            slicer.util.setSliceViewerLayers(foreground=node, foregroundOpacity=self._parameterNode.overlayOpacity)
+
+    def onOverlayOpacity(self, value) -> None:
+        for i in range(slicer.mrmlScene.GetNumberOfNodesByClass("vtkMRMLSliceCompositeNode")):
+            slicer.mrmlScene.GetNthNodeByClass(i, "vtkMRMLSliceCompositeNode").SetForegroundOpacity(value)
+
+    def _log(self, text: str) -> None:
+        self.ui.logTextEdit.appendPlainText(text)
+        logging.info(text)
+
+
+def vtk_modified_event():
+    import vtk
+    return vtk.vtkCommand.ModifiedEvent
+
+
+#
+# Logic
+#
+class RegistrationRun:
+    """A started registration: poll it (GUI timer), cancel it, then :meth:`finish` loads the
+    results and removes the temporary folder (unless kept)."""
+
+    def __init__(self, worker: WorkerProcess, temp_dir: str, fixed, moving, choices, keep_temp: bool):
+        self.worker = worker
+        self.temp_dir = temp_dir
+        self.fixed = fixed
+        self.moving = moving
+        self.choices = choices
+        self.keep_temp = keep_temp
+        self.outcome = None
+        self.results = None
+
+    def poll(self):
+        return self.worker.poll()
+
+    def cancel(self) -> None:
+        self.worker.cancel(block=False)
+
+    def finish(self):
+        """Loads the results (``LoadedResults``) if the run succeeded, else returns None; see
+        :attr:`outcome` for how it ended."""
+        try:
+            self.outcome = self.worker.outcome()
+            if self.outcome.ok:
+                self.results = dscene.load_results(self.outcome.manifest, self.fixed, self.moving, self.choices)
+            return self.results
+        finally:
+            if not self.keep_temp:
+                shutil.rmtree(self.temp_dir, ignore_errors=True)
+
+
+class DeepRegistrationLogic(ScriptedLoadableModuleLogic):
+    """Register from the GUI, the Python console or another module::
+
+        logic = DeepRegistrationLogic()
+        results = logic.run(fixedVolume=f, movingVolume=m, method="iterative", device="cpu")
+        results.nodes["warped"], results.nodes["transform"], results.metrics["folding_percent"]
+    """
+
+    def __init__(self) -> None:
+        ScriptedLoadableModuleLogic.__init__(self)
+
+    if _IN_SLICER:
+        def getParameterNode(self):
+            return DeepRegistrationParameterNode(super().getParameterNode())
+
+    @staticmethod
+    def methods():
+        from deepreglib.registry import METHODS
+        return list(METHODS.values())
+
+    @staticmethod
+    def methodInfo(name: str):
+        from deepreglib.registry import METHODS
+        return METHODS.get(name)
+
+    @staticmethod
+    def devices():
+        """(label, value) pairs: Auto, CPU, every CUDA device with its free memory, MPS."""
+        out = [("Auto (GPU if available)", DEVICE_AUTO), ("CPU", DEVICE_CPU)]
+        import torch
+        if torch.cuda.is_available():
+            for i in range(torch.cuda.device_count()):
+                name = torch.cuda.get_device_name(i)
+                try:
+                    free, total = torch.cuda.mem_get_info(i)
+                    name += f" ({free / 2 ** 30:.1f} of {total / 2 ** 30:.1f} GB free)"
+                except RuntimeError:
+                    pass
+                out.append((f"cuda:{i} {name}", f"cuda:{i}"))
+        mps = getattr(torch.backends, "mps", None)
+        if mps is not None and mps.is_available():
+            out.append(("Apple GPU (MPS)", "mps"))
+        return out
+
+    @staticmethod
+    def workerEnvironment() -> dict:
+        """Slicer's startup environment plus the folder holding ``deepreglib`` on PYTHONPATH
+        (PythonSlicer does not search the extension's module folder by itself)."""
+        env = None
+        if _IN_SLICER:
+            try:
+                env = slicer.util.startupEnvironment()
+            except Exception:  # noqa: BLE001 - older Slicer: inherit ours
+                env = None
+        env = dict(env if env is not None else os.environ)
+        paths = [_MODULE_DIR] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
+        env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
+        env.setdefault("PYTHONUNBUFFERED", "1")
+        return env
+
+    def start(self, fixedVolume, movingVolume, method: str = "voxelmorph", device: str = DEVICE_AUTO,
+              refineSteps: int = 0, initialization: str = "none", fixedMask=None, movingMask=None,
+              fixedLandmarks=None, movingLandmarks=None, initialTransform=None, outputVolume=None,
+              outputTransform=None, createWarped: bool = True, createJacobian: bool = True,
+              createInverse: bool = True, showMethodOutputs: bool = True,
+              keepTemporaryFiles: bool = False, python: Optional[str] = None) -> RegistrationRun:
+        """Write the inputs and start the worker; returns at once with a :class:`RegistrationRun`.
+
+        Raises ``ValueError`` for missing or identical inputs (checked before anything starts).
+        """
+        if fixedVolume is None or movingVolume is None:
+            raise ValueError("choose a fixed and a moving volume")
+        if fixedVolume == movingVolume:
+            raise ValueError("the fixed and moving volumes are the same node; choose two volumes")
+        if self.methodInfo(method) is None:
+            raise ValueError(f"unknown method {method!r}")
+        temp_dir = tempfile.mkdtemp(prefix="DeepReg-", dir=_temp_root())
+        try:
+            inputs = dscene.write_worker_inputs(
+                os.path.join(temp_dir, "inputs"), fixedVolume, movingVolume, fixed_mask=fixedMask,
+                moving_mask=movingMask, fixed_landmarks=fixedLandmarks, moving_landmarks=movingLandmarks,
+                initial_transform=initialTransform)
+            cmd = register_command(inputs.files["fixed"], inputs.files["moving"],
+                                   os.path.join(temp_dir, "out"), method, python=python or default_python(),
+                                   device=device, refine=refineSteps, init=initialization,
+                                   options=inputs.options(), flags=("no-qa",))
+            worker = WorkerProcess(cmd, env=self.workerEnvironment(), cwd=temp_dir).start()
+        except Exception:
+            shutil.rmtree(temp_dir, ignore_errors=True)
+            raise
+        choices = dscene.OutputChoices(warped_volume=outputVolume, transform=outputTransform,
+                                       create_warped=createWarped, create_jacobian=createJacobian,
+                                       create_inverse=createInverse, create_method_outputs=showMethodOutputs)
+        logging.info("DeepRegistration: started %s (pid %s) in %s", method, worker.pid, temp_dir)
+        return RegistrationRun(worker, temp_dir, fixedVolume, movingVolume, choices, keepTemporaryFiles)
+
+    def run(self, fixedVolume, movingVolume, timeout: Optional[float] = None, **kwargs):
+        """Blocking version of :meth:`start` (console, scripts, self-tests). Returns the
+        ``LoadedResults``; raises ``RuntimeError`` with the worker's message if the run did not
+        finish (bad input, crash, cancelled or ``timeout`` seconds passed)."""
+        run = self.start(fixedVolume, movingVolume, **kwargs)
+        if run.worker.wait(timeout) is None:
+            run.worker.cancel()
+            run.finish()
+            raise RuntimeError(f"the registration took longer than {timeout} s and was cancelled")
+        results = run.finish()
+        if not run.outcome.ok:
+            raise RuntimeError(run.outcome.message)
+        return results
+
+    def runFromParameterNode(self, p) -> RegistrationRun:
+        """The widget's adapter: the parameter node's values as :meth:`start` keywords. No
+        warped-volume node chosen: the moving volume is placed under the transform instead
+        (SlicerElastix's behaviour)."""
+        return self.start(
+            p.fixedVolume, p.movingVolume, method=p.method, device=p.device, refineSteps=p.refineSteps,
+            initialization=p.initialization, fixedMask=p.fixedMask, movingMask=p.movingMask,
+            fixedLandmarks=p.fixedLandmarks, movingLandmarks=p.movingLandmarks,
+            initialTransform=p.initialTransform, outputVolume=p.outputVolume,
+            outputTransform=p.outputTransform, createWarped=p.outputVolume is not None,
+            createJacobian=p.createJacobian,
+            createInverse=p.createInverse, showMethodOutputs=p.showMethodOutputs,
+            keepTemporaryFiles=p.keepTemporaryFiles)
+
+
+def _temp_root() -> Optional[str]:
+    if _IN_SLICER:
+        try:
+            return slicer.app.temporaryPath
+        except AttributeError:
+            return None
+    return None
+
+
+#
+# Test
+#
+class DeepRegistrationTest(ScriptedLoadableModuleTest):
+    """Self-tests run by Slicer's test factory: the weight-free ``iterative`` method on small
+    synthetic volumes, with measurable outcomes."""
+
+    def setUp(self):
+        slicer.mrmlScene.Clear()
+
+    def runTest(self):
+        self.setUp()
+        self.test_IterativeRegistrationAlignsBlob()
+        self.setUp()
+        self.test_CancelLeavesSceneUnchanged()
+        self.setUp()
+        self.test_BadInputIsReported()
+
+    def _pair(self, shift_mm=2.5, n=20):
+        import numpy as np
+        k, j, i = np.mgrid[:n, :n, :n].astype(np.float64)
+
+        def blob(ci):
+            return (100 * np.exp(-((i - ci) ** 2 + (j - n / 2) ** 2 + (k - n / 2) ** 2) / (2 * 3.0 ** 2)) + 5).astype(np.float32)
+        fixed = slicer.util.addVolumeFromArray(blob(n / 2), name="Fixed")
+        moving = slicer.util.addVolumeFromArray(blob(n / 2 + shift_mm), name="Moving")
+        return fixed, moving
+
+    @staticmethod
+    def _centroid_ras(node):
+        import numpy as np
+        arr = slicer.util.arrayFromVolume(node).astype(np.float64)
+        arr = np.clip(arr - 5.0, 0, None)
+        k, j, i = np.mgrid[:arr.shape[0], :arr.shape[1], :arr.shape[2]]
+        c = [float((arr * a).sum() / arr.sum()) for a in (i, j, k)]
+        m = vtk_matrix_of(node)
+        return np.array(m.MultiplyPoint(c + [1.0])[:3])
+
+    def test_IterativeRegistrationAlignsBlob(self):
+        import numpy as np
+        self.delayDisplay("Registering a shifted blob with the iterative method")
+        fixed, moving = self._pair()
+        before = slicer.util.arrayFromVolume(moving).copy()
+        logic = DeepRegistrationLogic()
+        t0 = time.time()
+        results = logic.run(fixedVolume=fixed, movingVolume=moving, method="iterative", device="cpu", timeout=300)
+        self.delayDisplay(f"done in {time.time() - t0:.1f} s")
+        warped = results.nodes["warped"]
+        offset_before = np.linalg.norm(self._centroid_ras(moving) - self._centroid_ras(fixed))
+        offset_after = np.linalg.norm(self._centroid_ras(warped) - self._centroid_ras(fixed))
+        self.assertGreater(offset_before, 2.0)
+        self.assertLess(offset_after, 0.5)
+        self.assertEqual(results.metrics["folding_percent"], 0.0)
+        self.assertGreater(results.metrics["ncc_after"], results.metrics["ncc_before"])
+        jac = results.nodes["jacobian"]
+        self.assertEqual(jac.GetDisplayNode().GetColorNode().GetName(), dscene.JACOBIAN_COLOR_NODE_NAME)
+        transform = results.nodes["transform"]
+        self.assertTrue(transform.IsA("vtkMRMLGridTransformNode"))
+        self.assertEqual(transform.GetNodeReferenceID(dscene.MOVING_REFERENCE_ROLE), moving.GetID())
+        self.assertEqual(warped.GetAttribute("DeepReg.Method"), "iterative")
+        np.testing.assert_array_equal(slicer.util.arrayFromVolume(moving), before)
+
+    def test_CancelLeavesSceneUnchanged(self):
+        fixed, moving = self._pair(n=40)
+        n_nodes = slicer.mrmlScene.GetNumberOfNodes()
+        run = DeepRegistrationLogic().start(fixed, moving, method="iterative", device="cpu")
+        deadline = time.time() + 120
+        while time.time() < deadline and not any(e.get("stage") == "inference" for e in run.poll()):
+            slicer.app.processEvents()
+            time.sleep(0.05)
+        run.worker.cancel()
+        run.worker.wait(30)
+        self.assertIsNone(run.finish())
+        self.assertEqual(run.outcome.status, "cancelled")
+        self.assertFalse(os.path.exists(run.temp_dir))
+        self.assertEqual(slicer.mrmlScene.GetNumberOfNodes(), n_nodes)
+
+    def test_BadInputIsReported(self):
+        fixed, _ = self._pair()
+        flat = slicer.util.addVolumeFromArray(__import__("numpy").zeros((8, 8, 8), "float32"), name="Empty")
+        with self.assertRaises(RuntimeError) as ctx:
+            DeepRegistrationLogic().run(fixedVolume=fixed, movingVolume=flat, method="iterative", device="cpu", timeout=120)
+        self.assertIn("empty", str(ctx.exception))
+        self.assertNotIn("Traceback", str(ctx.exception))
+
+
+def vtk_matrix_of(volume_node):
+    import vtk
+    m = vtk.vtkMatrix4x4()
+    volume_node.GetIJKToRASMatrix(m)
+    return m

@@ -1,0 +1,392 @@
+"""DeformationQA: judge what any transform does (this extension's, SlicerElastix's, SlicerANTs'...).
+
+Jacobian heatmap and folding statistics, displacement magnitude, the Transforms module's grid,
+glyph and contour displays, checkerboard and flicker, TRE before/after, Dice/Hausdorff of a
+warped segmentation, inverse consistency and a one-click report (table + screenshot). The
+numbers come from the engine (``deepreglib.jacobian``/``metrics``) through
+``DeepRegistrationLib.qa``; this file only wires nodes and views.
+"""
+
+import logging
+import os
+import sys
+from typing import Optional
+
+try:  # inside Slicer
+    import qt
+    import slicer
+    from slicer.ScriptedLoadableModule import (ScriptedLoadableModule, ScriptedLoadableModuleLogic,
+                                               ScriptedLoadableModuleTest, ScriptedLoadableModuleWidget)
+    from slicer.parameterNodeWrapper import parameterNodeWrapper
+    from slicer.util import VTKObservationMixin
+    from typing import Union
+    _IN_SLICER = True
+except ImportError:  # plain Python (+ slicer-core): the Logic stays usable and testable
+    _IN_SLICER = False
+
+    class _Standin:
+        def __init__(self, *args, **kwargs):
+            pass
+
+    class ScriptedLoadableModule(_Standin):
+        pass
+
+    class ScriptedLoadableModuleWidget(_Standin):
+        pass
+
+    class ScriptedLoadableModuleLogic(_Standin):
+        pass
+
+    class ScriptedLoadableModuleTest(_Standin):
+        pass
+
+    class VTKObservationMixin(_Standin):
+        pass
+
+_MODULE_DIR = os.path.dirname(os.path.abspath(__file__))
+if _MODULE_DIR not in sys.path:
+    sys.path.insert(0, _MODULE_DIR)
+
+from DeepRegistrationLib import qa  # noqa: E402
+from DeepRegistrationLib import scene as dscene  # noqa: E402
+
+
+def resource_path(relative: str) -> str:
+    for base in (os.path.join(_MODULE_DIR, "Resources"), os.path.join(os.path.dirname(_MODULE_DIR), "Resources")):
+        candidate = os.path.join(base, relative)
+        if os.path.exists(candidate):
+            return candidate
+    return os.path.join(_MODULE_DIR, "Resources", relative)
+
+
+class DeformationQA(ScriptedLoadableModule):
+    def __init__(self, parent):
+        ScriptedLoadableModule.__init__(self, parent)
+        self.parent.title = "Deformation QA"
+        self.parent.categories = ["Registration"]
+        self.parent.dependencies = []
+        self.parent.contributors = ["DeepRegExtension developers"]
+        self.parent.helpText = (
+            "Quality assurance of any transform: Jacobian determinant (folding = det <= 0), "
+            "displacement magnitude, grid/glyph/contour displays, checkerboard and flicker, "
+            "landmark TRE, Dice and Hausdorff of warped segmentations, inverse consistency, and a "
+            "report table with a screenshot.")
+        self.parent.acknowledgementText = "Part of DeepRegExtension."
+        self.parent.icon = qt.QIcon(resource_path("Icons/DeformationQA.png")) if _IN_SLICER else None
+
+
+if _IN_SLICER:
+    @parameterNodeWrapper
+    class DeformationQAParameterNode:
+        transformNode: slicer.vtkMRMLTransformNode
+        referenceVolume: slicer.vtkMRMLScalarVolumeNode
+        inverseTransform: slicer.vtkMRMLTransformNode
+        fixedVolume: slicer.vtkMRMLScalarVolumeNode
+        warpedVolume: slicer.vtkMRMLScalarVolumeNode
+        fixedLandmarks: slicer.vtkMRMLMarkupsFiducialNode
+        movingLandmarks: slicer.vtkMRMLMarkupsFiducialNode
+        fixedSegmentation: Union[slicer.vtkMRMLSegmentationNode, slicer.vtkMRMLLabelMapVolumeNode]
+        warpedSegmentation: Union[slicer.vtkMRMLSegmentationNode, slicer.vtkMRMLLabelMapVolumeNode]
+        reportTable: slicer.vtkMRMLTableNode
+        includeScreenshot: bool = True
+
+
+class DeformationQAWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
+    FLICKER_MS = 700
+
+    def __init__(self, parent=None) -> None:
+        ScriptedLoadableModuleWidget.__init__(self, parent)
+        VTKObservationMixin.__init__(self)
+        self.logic = None
+        self._parameterNode = None
+        self._parameterNodeGuiTag = None
+
+    def setup(self) -> None:
+        ScriptedLoadableModuleWidget.setup(self)
+        uiWidget = slicer.util.loadUI(resource_path("UI/DeformationQA.ui"))
+        self.layout.addWidget(uiWidget)
+        self.ui = slicer.util.childWidgetVariables(uiWidget)
+        uiWidget.setMRMLScene(slicer.mrmlScene)
+        self.logic = DeformationQALogic()
+        self.ui.jacobianButton.clicked.connect(self.onJacobian)
+        self.ui.magnitudeButton.clicked.connect(self.onMagnitude)
+        self.ui.showGridButton.clicked.connect(lambda: self.onShowDisplay("grid"))
+        self.ui.showGlyphButton.clicked.connect(lambda: self.onShowDisplay("glyph"))
+        self.ui.showContourButton.clicked.connect(lambda: self.onShowDisplay("contour"))
+        self.ui.inverseButton.clicked.connect(self.onInverse)
+        self.ui.checkerboardButton.clicked.connect(self.onCheckerboard)
+        self.ui.flickerButton.toggled.connect(self.onFlicker)
+        self.ui.treButton.clicked.connect(self.onTRE)
+        self.ui.overlapButton.clicked.connect(self.onOverlap)
+        self.ui.reportButton.clicked.connect(self.onReport)
+        self._flickerTimer = qt.QTimer()
+        self._flickerTimer.setInterval(self.FLICKER_MS)
+        self._flickerTimer.timeout.connect(self._flickerStep)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
+        self.initializeParameterNode()
+
+    def cleanup(self) -> None:
+        self._flickerTimer.stop()
+        self.removeObservers()
+
+    def enter(self) -> None:
+        self.initializeParameterNode()
+
+    def exit(self) -> None:
+        self.ui.flickerButton.checked = False
+        if self._parameterNode:
+            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self._parameterNodeGuiTag = None
+
+    def onSceneStartClose(self, caller, event) -> None:
+        self.ui.flickerButton.checked = False
+        self.setParameterNode(None)
+
+    def onSceneEndClose(self, caller, event) -> None:
+        if self.parent.isEntered:
+            self.initializeParameterNode()
+
+    def initializeParameterNode(self) -> None:
+        self.setParameterNode(self.logic.getParameterNode())
+        p = self._parameterNode
+        if not p.transformNode:
+            p.transformNode = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLGridTransformNode")
+        if p.transformNode and not p.referenceVolume:
+            fixed = p.transformNode.GetNodeReference(dscene.FIXED_REFERENCE_ROLE)
+            if fixed is not None:
+                p.referenceVolume = fixed
+                p.fixedVolume = fixed
+
+    def setParameterNode(self, node) -> None:
+        if self._parameterNode:
+            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+        self._parameterNode = node
+        if self._parameterNode:
+            self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
+
+    def _need(self, *names) -> bool:
+        missing = [n for n in names if getattr(self._parameterNode, n) is None]
+        if missing:
+            slicer.util.warningDisplay("Choose: " + ", ".join(missing))
+        return not missing
+
+    def onJacobian(self) -> None:
+        if not self._need("transformNode", "referenceVolume"):
+            return
+        with slicer.util.tryWithErrorDisplay("Could not compute the Jacobian.", waitCursor=True):
+            p = self._parameterNode
+            node, stats = self.logic.jacobianVolume(p.transformNode, p.referenceVolume)
+            self.ui.foldingLabel.text = (f"Folding: {stats['folding_percent']:.3f}% of voxels (det <= 0); "
+                                         f"SDlogJ {stats['sdlogj']:.3f}; det range "
+                                         f"{stats['jacobian_min']:.3f} .. {stats['jacobian_max']:.3f}")
+            slicer.util.setSliceViewerLayers(background=p.referenceVolume, foreground=node, foregroundOpacity=0.6)
+
+    def onMagnitude(self) -> None:
+        if not self._need("transformNode", "referenceVolume"):
+            return
+        with slicer.util.tryWithErrorDisplay("Could not compute the displacement.", waitCursor=True):
+            p = self._parameterNode
+            node, stats = self.logic.magnitudeVolume(p.transformNode, p.referenceVolume)
+            self.ui.foldingLabel.text = (f"Displacement: max {stats['max_displacement_mm']:.2f} mm, "
+                                         f"mean {stats['mean_displacement_mm']:.2f} mm")
+            slicer.util.setSliceViewerLayers(background=p.referenceVolume, foreground=node, foregroundOpacity=0.6)
+
+    def onShowDisplay(self, mode: str) -> None:
+        if self._need("transformNode"):
+            self.logic.showTransformDisplay(self._parameterNode.transformNode, mode, self._parameterNode.referenceVolume)
+
+    def onInverse(self) -> None:
+        if not self._need("transformNode", "referenceVolume"):
+            return
+        with slicer.util.tryWithErrorDisplay("Could not compute inverse consistency.", waitCursor=True):
+            p = self._parameterNode
+            s = qa.inverse_consistency(p.transformNode, p.referenceVolume, p.inverseTransform)
+            self.ui.inverseLabel.text = f"mean {s['mean']:.3f} mm, max {s['max']:.3f} mm"
+
+    def onCheckerboard(self) -> None:
+        if not self._need("fixedVolume", "warpedVolume"):
+            return
+        with slicer.util.tryWithErrorDisplay("Could not make the checkerboard.", waitCursor=True):
+            out = self.logic.checkerboard(self._parameterNode.fixedVolume, self._parameterNode.warpedVolume)
+            slicer.util.setSliceViewerLayers(background=out, foreground=None)
+
+    def onFlicker(self, on: bool) -> None:
+        if on and self._need("fixedVolume", "warpedVolume"):
+            p = self._parameterNode
+            slicer.util.setSliceViewerLayers(background=p.fixedVolume, foreground=p.warpedVolume, foregroundOpacity=1.0)
+            self._flickerTimer.start()
+        else:
+            self._flickerTimer.stop()
+            if on:
+                self.ui.flickerButton.checked = False
+
+    def _flickerStep(self) -> None:
+        for i in range(slicer.mrmlScene.GetNumberOfNodesByClass("vtkMRMLSliceCompositeNode")):
+            c = slicer.mrmlScene.GetNthNodeByClass(i, "vtkMRMLSliceCompositeNode")
+            c.SetForegroundOpacity(0.0 if c.GetForegroundOpacity() > 0.5 else 1.0)
+
+    def onTRE(self) -> None:
+        if not self._need("transformNode", "fixedLandmarks", "movingLandmarks"):
+            return
+        with slicer.util.tryWithErrorDisplay("Could not compute the TRE.", waitCursor=True):
+            p = self._parameterNode
+            r = qa.landmark_errors(p.transformNode, p.fixedLandmarks, p.movingLandmarks)
+            self.ui.treLabel.text = (f"TRE {r['before']['mean']:.2f} -> {r['after']['mean']:.2f} mm "
+                                     f"(max {r['after']['max']:.2f} mm, {r['after']['count']} points)")
+
+    def onOverlap(self) -> None:
+        if not self._need("fixedSegmentation", "warpedSegmentation"):
+            return
+        with slicer.util.tryWithErrorDisplay("Could not compute the overlap.", waitCursor=True):
+            p = self._parameterNode
+            r = qa.label_overlap(p.fixedSegmentation, p.warpedSegmentation, p.referenceVolume)
+            dice = [v for v in r["dice"].values() if v == v]
+            hd = [v for v in r["hd95_mm"].values() if v == v]
+            self.ui.overlapLabel.text = (f"Dice mean {sum(dice) / max(1, len(dice)):.3f}; "
+                                         f"HD95 mean {sum(hd) / max(1, len(hd)):.2f} mm ({len(dice)} labels)")
+
+    def onReport(self) -> None:
+        if not self._need("transformNode", "referenceVolume"):
+            return
+        with slicer.util.tryWithErrorDisplay("Could not make the report.", waitCursor=True):
+            p = self._parameterNode
+            table = p.reportTable or slicer.mrmlScene.AddNewNodeByClass("vtkMRMLTableNode", "Deformation QA report")
+            p.reportTable = table
+            self.logic.report(p.transformNode, p.referenceVolume, table, inverseTransform=p.inverseTransform,
+                              fixedLandmarks=p.fixedLandmarks, movingLandmarks=p.movingLandmarks,
+                              fixedSegmentation=p.fixedSegmentation, warpedSegmentation=p.warpedSegmentation)
+            message = f"Report in table '{table.GetName()}'."
+            if p.includeScreenshot:
+                path = self.logic.screenshot(table)
+                message += f" Screenshot: {path}"
+            slicer.app.applicationLogic().GetSelectionNode().SetActiveTableID(table.GetID())
+            slicer.app.applicationLogic().PropagateTableSelection()
+            self.ui.statusLabel.text = message
+
+
+class DeformationQALogic(ScriptedLoadableModuleLogic):
+    """Usable from the Python console::
+
+        logic = DeformationQALogic()
+        jac_node, stats = logic.jacobianVolume(transformNode, fixedVolume)
+    """
+
+    def __init__(self) -> None:
+        ScriptedLoadableModuleLogic.__init__(self)
+
+    if _IN_SLICER:
+        def getParameterNode(self):
+            return DeformationQAParameterNode(super().getParameterNode())
+
+    @staticmethod
+    def _name(transform_node, what: str) -> str:
+        return f"{transform_node.GetName()} {what}"
+
+    def jacobianVolume(self, transformNode, referenceVolume):
+        """(Jacobian-determinant volume node shown with the folding colour table, statistics)."""
+        maps = qa.deformation_maps(transformNode, referenceVolume)
+        node = qa.volume_like(referenceVolume, maps["jacobian"], self._name(transformNode, "Jacobian"))
+        dscene.show_as_jacobian(node)
+        node.SetNodeReferenceID("DeepReg.transform", transformNode.GetID())
+        return node, {k: v for k, v in maps.items() if not hasattr(v, "shape")}
+
+    def magnitudeVolume(self, transformNode, referenceVolume):
+        maps = qa.deformation_maps(transformNode, referenceVolume)
+        node = qa.volume_like(referenceVolume, maps["magnitude_mm"], self._name(transformNode, "displacement (mm)"))
+        node.SetNodeReferenceID("DeepReg.transform", transformNode.GetID())
+        return node, {k: v for k, v in maps.items() if not hasattr(v, "shape")}
+
+    @staticmethod
+    def showTransformDisplay(transformNode, mode: str, referenceVolume=None) -> None:
+        """The Transforms module's visualisations: ``grid``, ``glyph`` or ``contour`` in 2D."""
+        transformNode.CreateDefaultDisplayNodes()
+        d = transformNode.GetDisplayNode()
+        modes = {"grid": d.VIS_MODE_GRID, "glyph": d.VIS_MODE_GLYPH, "contour": d.VIS_MODE_CONTOUR}
+        if mode not in modes:
+            raise ValueError(f"mode must be one of {sorted(modes)}, got {mode!r}")
+        d.SetVisualizationMode(modes[mode])
+        if referenceVolume is not None:
+            d.SetAndObserveRegionNode(referenceVolume)
+        d.SetVisibility(True)
+        d.SetVisibility2D(True)
+
+    @staticmethod
+    def checkerboard(fixedVolume, warpedVolume, pattern=(8, 8, 1)):
+        """Checkerboard of the two volumes (Slicer's CheckerBoardFilter CLI; same grid needed)."""
+        out = slicer.mrmlScene.AddNewNodeByClass(
+            "vtkMRMLScalarVolumeNode", slicer.mrmlScene.GenerateUniqueName(f"{fixedVolume.GetName()} checkerboard"))
+        params = {"inputVolume1": fixedVolume.GetID(), "inputVolume2": warpedVolume.GetID(),
+                  "outputVolume": out.GetID(), "checkerPattern": ",".join(str(p) for p in pattern)}
+        slicer.cli.runSync(slicer.modules.checkerboardfilter, None, params)
+        return out
+
+    def report(self, transformNode, referenceVolume, tableNode, inverseTransform=None, fixedLandmarks=None,
+               movingLandmarks=None, fixedSegmentation=None, warpedSegmentation=None) -> dict:
+        """Every metric that has its inputs, into ``tableNode`` (Metric, Value); returns them."""
+        maps = qa.deformation_maps(transformNode, referenceVolume)
+        stats = {"transform": transformNode.GetName(), "reference": referenceVolume.GetName()}
+        stats.update({k: v for k, v in maps.items() if not hasattr(v, "shape")})
+        method = transformNode.GetAttribute(dscene.ATTRIBUTE_PREFIX + "Method")
+        if method:
+            stats["method"] = method
+        try:
+            stats["inverse_consistency_mm"] = qa.inverse_consistency(transformNode, referenceVolume, inverseTransform)
+        except Exception as e:  # noqa: BLE001 - a transform without a usable inverse: say so in the table
+            stats["inverse_consistency_mm"] = f"not available ({e})"
+        if fixedLandmarks is not None and movingLandmarks is not None:
+            tre = qa.landmark_errors(transformNode, fixedLandmarks, movingLandmarks)
+            stats["tre_before_mm"], stats["tre_after_mm"] = tre["before"], tre["after"]
+        if fixedSegmentation is not None and warpedSegmentation is not None:
+            stats.update(qa.label_overlap(fixedSegmentation, warpedSegmentation, referenceVolume))
+        qa.fill_table(tableNode, qa.report_rows(stats))
+        return stats
+
+    @staticmethod
+    def screenshot(tableNode) -> Optional[str]:
+        """Capture the view layout to a PNG beside the scene (or in the temporary folder)."""
+        import ScreenCapture
+        folder = slicer.mrmlScene.GetRootDirectory() or slicer.app.temporaryPath
+        path = os.path.join(folder, f"{tableNode.GetName()}.png".replace(" ", "_"))
+        ScreenCapture.ScreenCaptureLogic().captureImageFromView(None, path)
+        tableNode.SetAttribute("DeepReg.Screenshot", path)
+        return path
+
+
+class DeformationQATest(ScriptedLoadableModuleTest):
+    """Known answers: a 10% scaling has Jacobian 1.331 everywhere and no folding; a translation
+    moves landmarks by its length and is perfectly inverse-consistent."""
+
+    def setUp(self):
+        slicer.mrmlScene.Clear()
+
+    def runTest(self):
+        self.setUp()
+        self.test_ScalingJacobianAndReport()
+
+    def test_ScalingJacobianAndReport(self):
+        import numpy as np
+        import vtk
+        ref = slicer.util.addVolumeFromArray(np.zeros((10, 11, 12), "float32"), name="Reference")
+        t = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLLinearTransformNode", "Scale")
+        m = vtk.vtkMatrix4x4()
+        for i in range(3):
+            m.SetElement(i, i, 1.1)
+        t.SetMatrixTransformFromParent(m)
+        logic = DeformationQALogic()
+        jac, stats = logic.jacobianVolume(t, ref)
+        arr = slicer.util.arrayFromVolume(jac)
+        self.assertAlmostEqual(float(arr.mean()), 1.331, places=3)
+        self.assertEqual(stats["folding_percent"], 0.0)
+        self.assertEqual(jac.GetDisplayNode().GetColorNode().GetName(), dscene.JACOBIAN_COLOR_NODE_NAME)
+        fixed = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", "F")
+        moving = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", "M")
+        fixed.AddControlPoint(vtk.vtkVector3d(10.0, 0.0, 0.0))
+        moving.AddControlPoint(vtk.vtkVector3d(11.0, 0.0, 0.0))
+        table = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLTableNode", "report")
+        stats = logic.report(t, ref, table, fixedLandmarks=fixed, movingLandmarks=moving)
+        self.assertAlmostEqual(stats["tre_before_mm"]["mean"], 1.0, places=6)
+        self.assertAlmostEqual(stats["tre_after_mm"]["mean"], 0.0, places=6)
+        self.assertLess(stats["inverse_consistency_mm"]["max"], 1e-6)
+        self.assertGreater(table.GetNumberOfRows(), 5)
+        logging.info("DeformationQA self-test passed")
