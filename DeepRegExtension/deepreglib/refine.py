@@ -23,7 +23,6 @@ from typing import Callable, Optional, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from .align import make_similarity
 from .errors import BadInputError, CancelledError
@@ -31,7 +30,7 @@ from .fields import integrate_velocity, resize_field
 from .geometry import Grid
 from .losses import DiceLoss, GradientSmoothness, one_hot
 from .resample import downsample, downsampled_shape
-from .warp import sample_at, warp
+from .warp import identity_grid, sample_at, warp
 
 ProgressFn = Optional[Callable[[float, str], None]]
 CancelFn = Optional[Callable[[], bool]]
@@ -68,9 +67,31 @@ def _axis_scale(old: Sequence[int], new: Sequence[int]) -> torch.Tensor:
 
 
 def _resize_labels(labels: torch.Tensor, shape) -> torch.Tensor:
+    """Nearest-neighbour label map on a pyramid grid (same first/last voxel centres)."""
     if tuple(labels.shape[2:]) == tuple(shape):
         return labels
-    return F.interpolate(labels.float(), size=tuple(shape), mode="nearest").round().long()
+    up = (1.0 / _axis_scale(labels.shape[2:], shape)).to(torch.float32).view(1, 3, 1, 1, 1)
+    points = identity_grid(shape, torch.float32, labels.device) * up.to(labels.device)
+    return sample_at(labels.float(), points, "nearest", "border").round().long()
+
+
+def _label_maps(fixed_labels: torch.Tensor, moving_labels: torch.Tensor, dtype):
+    """One-hot maps of both label images and the Dice loss over the foreground classes.
+    Label values are renumbered to 0..K-1 first, so FreeSurfer-style codes (up to 2035) do not
+    make thousands of empty channels."""
+    if fixed_labels.dtype.is_floating_point or moving_labels.dtype.is_floating_point:
+        raise ValueError("label maps must be integer tensors")
+    values = torch.unique(torch.cat([fixed_labels.reshape(-1), moving_labels.reshape(-1)]))
+    if int(values.min()) < 0:
+        raise BadInputError(f"label values must be >= 0 (0 = background), got {int(values.min())}")
+    values = torch.unique(torch.cat([values.new_zeros(1), values]))  # class 0 = background
+    if len(values) < 2:
+        raise BadInputError("the label maps contain only background; nothing to align")
+
+    def encode(labels):
+        return one_hot(torch.searchsorted(values, labels.long()), len(values)).to(dtype)
+
+    return encode(fixed_labels), encode(moving_labels), DiceLoss(include_background=False)
 
 
 class _Landmarks:
@@ -114,15 +135,16 @@ def refine_velocity(fixed: torch.Tensor, moving: torch.Tensor,
         velocity: initial SVF ``(1, 3, D, H, W)`` in voxels ``(k, j, i)``; zeros if ``None``.
         steps: Adam steps (0 returns the initial velocity).
         lr: Adam step size in (optimisation-grid) voxels per step.
-        similarity: ``"lncc"``, ``"ncc"``, ``"mi"`` or ``"mind"`` (see
-            :func:`deepreglib.align.make_similarity`); ``similarity_options`` go to its loss.
+        similarity: a name in :data:`deepreglib.align.SIMILARITIES` (``"lncc"``, ``"ncc"``,
+            ``"mi"``, ``"mind"``, ``"mse"``); ``similarity_options`` go to its loss.
         smooth_weight: weight of ``GradientSmoothness("l2")`` of the velocity (dimensionless).
         resolution: 1, or 2 to optimise the velocity on a grid downsampled by 2 (integrated
             there, the displacement upsampled to warp the full-resolution images); the update is
             upsampled with :func:`fields.resize_field` and added to ``velocity``.
         int_steps: scaling-and-squaring steps.
         fixed_labels, moving_labels: optional ``(1, 1, D, H, W)`` integer label maps (0 =
-            background); adds ``label_weight * Dice`` of the warped moving labels.
+            background); adds ``label_weight * (1 - mean foreground Dice)`` of the warped
+            (linearly interpolated one-hot) moving labels.
         fixed_points, moving_points: optional ``(P, 3)`` voxel ``(k, j, i)`` pairs; adds
             ``landmark_weight * mean |p + u(p) - q|^2`` (voxels^2).
         progress: ``progress(fraction 0..1, message)``.
@@ -161,9 +183,7 @@ def refine_velocity(fixed: torch.Tensor, moving: torch.Tensor,
                 tuple(moving_labels.shape) != tuple(fixed.shape):
             raise ValueError(f"label maps must be {tuple(fixed.shape)}, got "
                              f"{tuple(fixed_labels.shape)} and {tuple(moving_labels.shape)}")
-        classes = int(max(int(fixed_labels.max()), int(moving_labels.max()))) + 1
-        labels = (one_hot(fixed_labels.long(), classes).to(dtype),
-                  one_hot(moving_labels.long(), classes).to(dtype), DiceLoss())
+        labels = _label_maps(fixed_labels, moving_labels, dtype)
     landmarks = None
     if fixed_points is not None:
         landmarks = _Landmarks(fixed_points, moving_points, shape, coarse, dtype, device)
@@ -184,7 +204,8 @@ def refine_velocity(fixed: torch.Tensor, moving: torch.Tensor,
         loss.backward()
         optimiser.step()
         if progress is not None and (step % 5 == 0 or step == steps - 1):
-            progress((step + 1) / steps, f"refine step {step + 1}/{steps}: loss {float(loss.detach()):.4f}")
+            progress((step + 1) / steps,
+                     f"refine step {step + 1}/{steps}: loss {float(loss.detach()):.4f}")
     with torch.no_grad():
         return velocity + resize_field(v.detach() - start, shape)
 

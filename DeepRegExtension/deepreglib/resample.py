@@ -1,4 +1,4 @@
-"""Sampling an image from one physical grid onto another. Conventions: :mod:`deepreglib.conventions`.
+"""Sampling an image from one physical grid onto another. Conventions: :mod:`.conventions`.
 
 This is the one place where an image on a *source* grid is pulled onto a *target* grid through a
 physical transform. The transform follows ITK's resampling convention (DESIGN, "Direction"): it
@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from .conventions import ALIGN_CORNERS
 from .geometry import Grid, voxel_grid_points
-from .warp import INTERPOLATIONS, PADDINGS, identity_grid, sample_at
+from .warp import INTERPOLATIONS, PADDINGS, grid_sample, identity_grid, sample_at
 
 MatrixLike = Union[np.ndarray, torch.Tensor, Sequence[Sequence[float]]]
 
@@ -148,9 +148,7 @@ def resample_to_grid(image: torch.Tensor, source: Grid, target: Grid,
         size = (image.shape[0], image.shape[1]) + target.shape
         grid = F.affine_grid(theta.to(image.dtype).expand(image.shape[0], 3, 4), size,
                              align_corners=ALIGN_CORNERS)
-        mode = "bilinear" if interpolation == "linear" else "nearest"
-        return F.grid_sample(image, grid, mode=mode, padding_mode=padding,
-                             align_corners=ALIGN_CORNERS)
+        return grid_sample(image, grid, interpolation, padding)
     pts = source_points(source, target, matrix_lps, displacement_mm, device=image.device)
     if pts.shape[0] != image.shape[0]:
         pts = pts.expand(image.shape[0], *pts.shape[1:])

@@ -12,8 +12,10 @@ from .conventions import ALIGN_CORNERS
 
 #: Interpolation names accepted by :func:`warp` (``"nearest"`` for label maps).
 INTERPOLATIONS = ("linear", "nearest")
-#: Padding names accepted by :func:`warp`: ``"zeros"`` outside the image, ``"border"`` repeats the
-#: edge voxel (right for displacement fields, which should not fall to zero outside).
+#: Padding names accepted by :func:`warp`: ``"zeros"`` is 0 outside the image's box, which (as in
+#: ITK's resampling) reaches half a voxel beyond the first and last voxel centres, the edge value
+#: being repeated in that rim; ``"border"`` repeats the edge voxel everywhere (right for
+#: displacement fields, which should not fall to zero outside).
 PADDINGS = ("zeros", "border", "reflection")
 
 
@@ -48,9 +50,27 @@ def sample_at(image: torch.Tensor, points: torch.Tensor, interpolation: str = "l
     grid = voxel_to_normalized(points, image.shape[2:])
     if grid.shape[0] != image.shape[0]:
         grid = grid.expand(image.shape[0], *grid.shape[1:])
+    return grid_sample(image, grid.to(image.dtype), interpolation, padding)
+
+
+def grid_sample(image: torch.Tensor, grid: torch.Tensor, interpolation: str = "linear",
+                padding: str = "zeros") -> torch.Tensor:
+    """``F.grid_sample`` with the engine's ``ALIGN_CORNERS`` and padding names (:data:`PADDINGS`).
+
+    ``grid`` is ``(N, d, h, w, 3)`` in normalised ``(x, y, z)`` order. For ``"zeros"`` the image
+    is sampled with border padding and then zeroed outside ``[-0.5, n - 0.5]`` voxels per axis,
+    so an image resampled onto its own grid keeps its edge voxels intact (torch's own zero
+    padding would blend them with 0 over the outer half voxel, unlike ITK).
+    """
     mode = "bilinear" if interpolation == "linear" else "nearest"
-    return F.grid_sample(image, grid.to(image.dtype), mode=mode, padding_mode=padding,
-                         align_corners=ALIGN_CORNERS)
+    if padding != "zeros":
+        return F.grid_sample(image, grid, mode=mode, padding_mode=padding, align_corners=ALIGN_CORNERS)
+    out = F.grid_sample(image, grid, mode=mode, padding_mode="border", align_corners=ALIGN_CORNERS)
+    # half a voxel in normalised units is 1 / (n - 1); grid's last axis is (x, y, z) = (W, H, D)
+    sizes = image.shape[2:][::-1]
+    limit = torch.as_tensor([1.0 + 1.0 / max(n - 1, 1) for n in sizes], dtype=grid.dtype, device=grid.device)
+    inside = (grid.abs() <= limit).all(dim=-1).unsqueeze(1)
+    return out * inside.to(out.dtype)
 
 
 def warp(image: torch.Tensor, displacement: torch.Tensor, interpolation: str = "linear",

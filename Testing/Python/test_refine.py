@@ -78,7 +78,8 @@ def test_half_resolution_refine_also_recovers_it(pair):
 def test_identity_pair_stays_identity():
     fixed = _texture(20, seed=3)
     v = refine_velocity(fixed, fixed.clone(), steps=25)
-    assert float(integrate_velocity(v).abs().max()) < 0.1
+    # Not exactly 0: Adam turns rounding-level gradients into steps of up to lr.
+    assert float(integrate_velocity(v).abs().max()) < 0.15
 
 
 def test_zero_steps_return_the_initial_velocity(pair):
@@ -92,7 +93,7 @@ def test_landmark_term_pulls_a_point_pair_together():
     p = np.array([[10.0, 9.0, 8.0]])
     q = np.array([[12.5, 7.0, 9.0]])  # 3.4 voxels away; the images alone say "stay put"
     at = torch.tensor(p.T, dtype=torch.float32).view(1, 3, 1, 1, 1)
-    v = refine_velocity(image, image.clone(), steps=25, fixed_points=p, moving_points=q)
+    v = refine_velocity(image, image.clone(), steps=40, fixed_points=p, moving_points=q)
     u_p = sample_at(integrate_velocity(v), at)[0, :, 0, 0, 0].numpy()
     assert np.linalg.norm(p[0] - q[0]) > 3.0
     assert np.linalg.norm(p[0] + u_p - q[0]) < 0.5
@@ -109,11 +110,16 @@ def test_label_term_aligns_label_maps_where_images_say_nothing():
     def dice(a, b):
         return float(2 * (a & b).sum() / (a.sum() + b.sum()))
 
-    v = refine_velocity(flat, flat, steps=25, fixed_labels=fixed_labels,
-                        moving_labels=moving_labels, label_weight=1.0)
-    warped = warp(moving_labels.float(), integrate_velocity(v), interpolation="nearest").long()
     assert dice(fixed_labels, moving_labels) < 0.7
+    v = refine_velocity(flat, flat, steps=25, fixed_labels=fixed_labels * 1017,
+                        moving_labels=moving_labels * 1017, label_weight=1.0)  # any label code
+    warped = warp(moving_labels.float(), integrate_velocity(v), interpolation="nearest").long()
     assert dice(fixed_labels, warped) > 0.95
+    # The pyramid carries the label maps to every level.
+    v = iterative_register(flat, flat, levels=(2, 1), steps=(20, 20), final_resolution=1,
+                           fixed_labels=fixed_labels, moving_labels=moving_labels)
+    warped = warp(moving_labels.float(), integrate_velocity(v), interpolation="nearest").long()
+    assert dice(fixed_labels, warped) > 0.9
 
 
 def test_cancel_raises():
