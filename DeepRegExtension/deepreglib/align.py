@@ -304,15 +304,17 @@ def _moments_init(fixed, fixed_grid, moving, moving_grid, device="cpu", **_):
 
 def _optimised(rigid: bool):
     def run(fixed, fixed_grid, moving, moving_grid, device="cpu", progress=None, cancel=None,
-            **options):
-        start = center_of_mass_transform(fixed, fixed_grid, moving, moving_grid, device=device)
+            init=None, **options):
+        start = init if init is not None else center_of_mass_transform(
+            fixed, fixed_grid, moving, moving_grid, device=device)
         return affine_register(fixed, fixed_grid, moving, moving_grid, init=start, rigid=rigid,
                                progress=progress, cancel=cancel, device=device, **options)
     return run
 
 
 #: ``--init`` name -> ``fn(fixed, fixed_grid, moving, moving_grid, device=..., progress=...,
-#: cancel=..., **options) -> 4x4``. ``affine`` and ``rigid`` start from the centre of mass.
+#: cancel=..., **options) -> 4x4``. ``affine`` and ``rigid`` start from ``init=`` (a 4x4) when
+#: given, else from the centre of mass.
 #: Learned initialisers are added with :func:`register_initializer`.
 INITIALIZERS: Dict[str, Callable[..., np.ndarray]] = {
     "none": _none,

@@ -157,6 +157,9 @@ def _on_sigterm(signum, frame):
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    # Idle OpenMP threads sleep rather than spin (before torch loads): the worker shares the CPU
+    # with Slicer's GUI, and spinning threads slow both down.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     argv = list(sys.argv[1:] if argv is None else argv)
     json_mode = "json" in argv and "--progress" in argv
     from .progress import JsonReporter, BarReporter

@@ -233,9 +233,15 @@ def register(opts: RegisterOptions, reporter: Optional[Reporter] = None,
             matrix = io.read_linear_transform(opts.initial_transform)
         if opts.init != "none":
             from .align import initial_transform
+            extra = {}
+            if opts.initial_transform:
+                if opts.init not in ("rigid", "affine"):
+                    raise BadInputError(f"--init {opts.init} would discard the --initial-transform; use "
+                                        "--init rigid or affine to refine it, or --init none to use it as is")
+                extra["init"] = matrix
             matrix = initial_transform(opts.init, fixed_n, fixed_grid, moving_n, moving_grid,
-                                       init=matrix, progress=ctx_for("initialize").progress,
-                                       cancel=cancel, device=device)
+                                       progress=ctx_for("initialize").progress, cancel=cancel,
+                                       device=device, **extra)
         overlap = overlap_fraction(fixed_grid, moving_grid, matrix)
         if overlap < 0.01:
             raise BadInputError(
