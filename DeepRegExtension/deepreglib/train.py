@@ -46,6 +46,8 @@ class TrainingRecipe:
                    Tuple[torch.Tensor, Dict[str, float]]]
     description: str
     lr: float = 1e-4
+    #: names of the loss terms ``loss`` may report (the columns of ``loss.csv``)
+    terms: Tuple[str, ...] = ()
 
 
 RECIPES: Dict[str, TrainingRecipe] = {}
@@ -160,16 +162,18 @@ def train(args: argparse.Namespace, log: Callable[[str], None] = print) -> Path:
         step = int(ckpt["step"])
         log(f"resumed {args.method} from {ckpt_path} at step {step}")
     if step < args.steps:
-        (out / "config.json").write_text(json.dumps(
-            {k: v for k, v in vars(args).items() if k != "func"}, indent=2, default=str))
+        _record_session(out / "config.json", args, step)
     vols = load_real_volumes(args.real_dir, args.real_spacing) if step < args.steps else []
     csv_path = out / "loss.csv"
     if step < args.steps:
         _truncate_log(csv_path, step)  # rows past the checkpoint are redone after a resume
-    new_csv = not csv_path.is_file()
+    fieldnames = ["step", "loss", *recipe.terms, "seconds", "real"]
+    _ensure_header(csv_path, fieldnames)
     t_start = time.time()
     with open(csv_path, "a", newline="") as f:
-        writer = None
+        writer = csv.DictWriter(f, fieldnames=fieldnames, extrasaction="ignore", restval="")
+        if f.tell() == 0:
+            writer.writeheader()
         model.train()
         while step < args.steps:
             batch = {k: v.to(device) for k, v in make_batch(step, args, vols).items()}
@@ -181,10 +185,6 @@ def train(args: argparse.Namespace, log: Callable[[str], None] = print) -> Path:
             step += 1
             row = {"step": step, "loss": float(total.detach()), **terms, "seconds": time.time() - t0,
                    "real": int("fixed_labels" not in batch)}
-            if writer is None:
-                writer = csv.DictWriter(f, fieldnames=list(row), extrasaction="ignore")
-                if new_csv:
-                    writer.writeheader()
             writer.writerow(row)
             f.flush()
             if step % args.log_every == 0:
@@ -196,6 +196,33 @@ def train(args: argparse.Namespace, log: Callable[[str], None] = print) -> Path:
     if args.export:
         export(model, args, csv_path, step)
     return ckpt_path
+
+
+def _record_session(path: Path, args: argparse.Namespace, step: int) -> None:
+    """``config.json`` keeps the settings of every session of a run (a resumed run may change
+    them, e.g. add a loss term); the model card reports them all."""
+    sessions = []
+    if path.is_file():
+        old = json.loads(path.read_text())
+        sessions = old.get("sessions", [{"from_step": 0, "args": old}])
+    sessions.append({"from_step": step, "args": {k: v for k, v in vars(args).items() if k != "func"}})
+    path.write_text(json.dumps({"sessions": sessions}, indent=2, default=str))
+
+
+def _ensure_header(csv_path: Path, fieldnames: List[str]) -> None:
+    """Give an existing ``loss.csv`` the current header (a resumed run may log new terms)."""
+    if not csv_path.is_file():
+        return
+    with open(csv_path, newline="") as f:
+        rows = list(csv.DictReader(f))
+        f.seek(0)
+        header = next(csv.reader(f), [])
+    if header == fieldnames:
+        return
+    with open(csv_path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=fieldnames, extrasaction="ignore", restval="")
+        w.writeheader()
+        w.writerows(rows)
 
 
 def _truncate_log(csv_path: Path, step: int) -> None:
@@ -232,18 +259,23 @@ def export(model: nn.Module, args: argparse.Namespace, csv_path: Path, step: int
     """Write the model and its card; the card's training settings come from the run folder's
     ``config.json`` (what the run was trained with), not from the exporting command line."""
     cfg_path = Path(args.out) / "config.json"
-    cfg = json.loads(cfg_path.read_text()) if cfg_path.is_file() else vars(args)
+    sessions = json.loads(cfg_path.read_text()).get("sessions", []) if cfg_path.is_file() else []
+    cfg = sessions[-1]["args"] if sessions else vars(args)
     card = {"method": args.method, "iterations": step, "device": str(cfg.get("device")),
             "threads": cfg.get("threads"),
             "training": {"shape": list(cfg.get("shape")), "batch": 1,
                          "lr": cfg.get("lr") or RECIPES[args.method].lr, "seed": cfg.get("seed"),
                          "synthetic_max_std": cfg.get("max_std"), "synthetic_bank": cfg.get("synth_bank"),
-                         "reg_weight": cfg.get("reg_weight"),
+                         "reg_weight": cfg.get("reg_weight"), "label_weight": cfg.get("label_weight", 0.0),
                          "real_dir": str(cfg.get("real_dir")) if cfg.get("real_dir") else None,
                          "real_fraction": cfg.get("real_fraction") if cfg.get("real_dir") else 0.0,
                          "real_spacing_mm": cfg.get("real_spacing"),
                          "loss": RECIPES[args.method].description},
-            "training_log": loss_summary(csv_path)}
+            "training_log": loss_summary(csv_path),
+            "sessions": [{"from_step": x["from_step"],
+                          "changed": {k: v for k, v in x["args"].items()
+                                      if k in ("lr", "label_weight", "reg_weight", "real_fraction", "shape",
+                                               "max_std", "threads", "device")}} for x in sessions]}
     return save_model(model, args.export, card)
 
 
@@ -261,6 +293,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--real-fraction", type=float, default=0.5)
     p.add_argument("--real-spacing", type=float, default=2.0, help="mm; real scans are resampled to it")
     p.add_argument("--reg-weight", type=float, default=1.0, help="smoothness weight")
+    p.add_argument("--label-weight", type=float, default=0.0,
+                   help="weight of 1 - Dice of the synthetic pairs' label maps (SynthMorph-style; 0: off)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=max(1, min(4, os.cpu_count() or 1)))
     p.add_argument("--checkpoint-every", type=int, default=25)
@@ -274,15 +308,32 @@ def _build_voxelmorph(args):
     return VoxelMorph()
 
 
+def label_dice_term(batch, displacement):
+    """``1 - Dice`` of the synthetic moving labels warped by ``displacement`` against the fixed
+    labels (SynthMorph's anatomy-agnostic supervision; synthetic pairs only, no real annotations)."""
+    from .losses import DiceLoss, one_hot
+    from .warp import warp
+    n = int(max(batch["fixed_labels"].max(), batch["moving_labels"].max())) + 1
+    warped = warp(one_hot(batch["moving_labels"].long(), n), displacement)
+    return DiceLoss()(warped, one_hot(batch["fixed_labels"].long(), n))
+
+
 def _voxelmorph_loss(model, batch, args):
     from .losses import GradientSmoothness, LocalNCC
     out = model(batch["moving"], batch["fixed"])
     sim = LocalNCC(9)(out.warped, batch["fixed"])
     reg = GradientSmoothness("l2")(out.displacement)
     total = sim + args.reg_weight * reg
-    return total, {"ncc_loss": float(sim.detach()), "grad": float(reg.detach())}
+    terms = {"ncc_loss": float(sim.detach()), "grad": float(reg.detach())}
+    label_weight = getattr(args, "label_weight", 0.0)
+    if label_weight > 0 and "fixed_labels" in batch:
+        dice = label_dice_term(batch, out.displacement)
+        total = total + label_weight * dice
+        terms["dice_loss"] = float(dice.detach())
+    return total, terms
 
 
 register_recipe("voxelmorph", TrainingRecipe(
-    build=_build_voxelmorph, loss=_voxelmorph_loss, lr=1e-4,
-    description="diffeomorphic VoxelMorph, unsupervised (local NCC + gradient smoothness)"))
+    build=_build_voxelmorph, loss=_voxelmorph_loss, lr=1e-4, terms=("ncc_loss", "grad", "dice_loss"),
+    description="diffeomorphic VoxelMorph: local NCC (window 9) + reg_weight * gradient smoothness of the "
+                "displacement, + label_weight * (1 - Dice) of synthetic label maps when label_weight > 0"))

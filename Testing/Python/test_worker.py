@@ -160,3 +160,14 @@ def test_sigterm_cancels_cleanly(pair, tmp_path):
     assert last["event"] == "error" and last["kind"] == "cancelled"
     assert not out.exists()
     assert not list(tmp_path.glob(".cancelled.partial-*"))
+
+
+def test_report_command_redraws_the_qa_picture(pair, untrained_weights, tmp_path):
+    from deepreglib.cli import main as cli_main
+    out = tmp_path / "run"
+    proc = run_worker("--fixed", str(pair / "fixed.nii.gz"), "--moving", str(pair / "moving.nii.gz"),
+                      "--out", str(out), "--weights", str(untrained_weights), "--no-qa")
+    assert proc.returncode == 0 and not (out / "qa.png").exists()
+    png = tmp_path / "again.png"
+    assert cli_main(["report", str(out / "manifest.json"), "--out", str(png)]) == 0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

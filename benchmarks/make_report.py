@@ -1,0 +1,142 @@
+"""Regenerate ``docs/BENCHMARKS.md`` from the newest results files in ``benchmarks/results/``.
+
+    python benchmarks/make_report.py
+
+Every number in the document comes from a dated results file; nothing is typed by hand.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+DOC = ROOT / "docs" / "BENCHMARKS.md"
+
+
+def newest(pattern: str):
+    files = sorted(RESULTS.glob(pattern))
+    return (files[-1], json.loads(files[-1].read_text())) if files else (None, None)
+
+
+def fmt(x, digits=3):
+    if x is None or (isinstance(x, float) and np.isnan(x)):
+        return "–"
+    return f"{x:.{digits}f}"
+
+
+def timing_section(lines):
+    for device in ("cpu", "cuda"):
+        path, data = newest(f"timing-*-{device}.json")
+        if data is None:
+            lines += [f"### Stage timing, {device.upper()}", "", f"No `timing-*-{device}.json` results yet "
+                      f"(`python benchmarks/stage_timing.py --device {device}`).", ""]
+            continue
+        s = data["summary"]
+        target = 20.0 if device == "cpu" else 1.0
+        lines += [f"### Stage timing, {device.upper()} ({data['date']}, `{path.relative_to(ROOT)}`)", "",
+                  f"Pair: {data['pair']}, method `{data['method']}`, {data['machine']['cpu_count']} CPU cores; "
+                  f"each run is a fresh worker process; medians of {len([r for r in data['runs'] if r['refine'] == 0])} runs.",
+                  "", "| stage | seconds |", "|---|---|"]
+        for k, v in s["stage_medians_s"].items():
+            lines.append(f"| {k} | {v:.2f} |")
+        ok = "meets" if s["network_plus_io_s_median"] < target else "misses"
+        ram_ok = "meets" if s["peak_ram_mb_max"] < 4096 else "misses"
+        lines += ["", f"- network inference plus I/O (read + preprocess + inference + postprocess + write): "
+                      f"**{s['network_plus_io_s_median']:.1f} s** ({ok} the {target:g} s target)",
+                  f"- peak RAM of the worker process: **{s['peak_ram_mb_max'] / 1024:.2f} GB** ({ram_ok} the 4 GB target)"]
+        refined = [r for r in data["runs"] if r["refine"]]
+        for r in refined:
+            lines.append(f"- with `--refine {r['refine']}`: refine stage {r['timings'].get('refine', 0):.1f} s, "
+                         f"total {r['timings']['total']:.1f} s")
+        lines += [f"- network grid: {data['runs'][0]['network_grid']} voxels (x, y, z)", ""]
+
+
+def accuracy_section(lines):
+    path, data = newest("accuracy-*.json")
+    if data is None:
+        lines += ["No `accuracy-*.json` results yet (`python benchmarks/evaluate.py`).", ""]
+        return
+    lines += [f"Results file: `{path.relative_to(ROOT)}` ({data['date']}; {'quick' if data['quick'] else 'full'} run; "
+              f"machine: {data['machine']['cpu_count']} CPU cores, torch {data['machine']['torch']}, device "
+              f"{data['machine']['device']}). Times are wall time of the whole `register` call on that machine.", ""]
+    by = defaultdict(list)
+    for r in data["results"]:
+        by[(r["dataset"], r["config"])].append(r)
+    datasets = []
+    for r in data["results"]:
+        if r["dataset"] not in datasets:
+            datasets.append(r["dataset"])
+    for ds in datasets:
+        cases = sorted({r["case"] for r in data["results"] if r["dataset"] == ds})
+        lines += [f"### {ds} ({len(cases)} pair{'s' if len(cases) > 1 else ''}: {', '.join(cases)})", "",
+                  "| method | Dice before | Dice after | EPE mean (mm) | EPE p95 (mm) | HD95 after (mm) | folding % | SDlogJ | time (s) |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        for (d, cfg), rs in by.items():
+            if d != ds:
+                continue
+            mean = lambda key: float(np.mean([r[key] for r in rs])) if all(key in r for r in rs) else None  # noqa: E731
+            epe = [r["epe_mm"]["mean"] for r in rs if "epe_mm" in r]
+            p95 = [r["epe_mm"]["p95"] for r in rs if "epe_mm" in r]
+            lines.append(f"| {cfg} | {fmt(mean('dice_mean_before'))} | {fmt(mean('dice_mean_after'))} | "
+                         f"{fmt(float(np.mean(epe)) if epe else None, 2)} | {fmt(float(np.mean(p95)) if p95 else None, 2)} | "
+                         f"{fmt(mean('hd95_mean_after_mm'), 2)} | "
+                         f"{fmt(float(np.mean([r['metrics']['folding_percent'] for r in rs])), 4)} | "
+                         f"{fmt(float(np.mean([r['metrics']['sdlogj'] for r in rs])), 3)} | "
+                         f"{fmt(float(np.mean([r['wall_s'] for r in rs])), 1)} |")
+        before = [r.get("epe_before_mm") for r in data["results"] if r["dataset"] == ds and "epe_before_mm" in r]
+        if before:
+            lines.append(f"\nMean true displacement inside the image (the EPE of doing nothing): {np.mean(before):.2f} mm.")
+        if ds == "oasis_pair":
+            lines += ["", "Dice per label (1 grey-matter-like, 2 white-matter-like), per direction:", "",
+                      "| pair | method | label 1 before | label 1 after | label 2 before | label 2 after |", "|---|---|---|---|---|---|"]
+            for r in data["results"]:
+                if r["dataset"] == ds:
+                    lines.append(f"| {r['case']} | {r['config']} | {fmt(r['dice_before']['1'])} | {fmt(r['dice_after']['1'])} | "
+                                 f"{fmt(r['dice_before']['2'])} | {fmt(r['dice_after']['2'])} |")
+        lines.append("")
+
+
+def model_section(lines):
+    cards = sorted((ROOT / "Resources" / "Models").glob("*.json"))
+    lines += ["## Shipped models", "", "| model | iterations | device | training patch | loss first 100 → last 100 | s/step | sha256 |",
+              "|---|---|---|---|---|---|---|"]
+    for c in cards:
+        card = json.loads(c.read_text())
+        log = card.get("training_log", {})
+        lines.append(f"| {c.stem} | {card.get('iterations')} | {card.get('device')} | {card['training']['shape']} | "
+                     f"{fmt(log.get('loss_first_mean'))} → {fmt(log.get('loss_last_mean'))} | {fmt(log.get('seconds_per_step'), 2)} | "
+                     f"`{card['sha256'][:16]}…` |")
+    lines.append("")
+    if (ROOT / "docs" / "images" / "voxelmorph_loss.png").is_file():
+        lines += ["![voxelmorph training loss](images/voxelmorph_loss.png)", ""]
+
+
+def main():
+    lines = ["# Benchmarks", "",
+             "Generated by `python benchmarks/make_report.py` from the results files in `benchmarks/results/`; "
+             "rerun `benchmarks/stage_timing.py` and `benchmarks/evaluate.py` to refresh them. Datasets: "
+             "`synthetic` = the engine's generator with known deformations (96×112×96, 2 mm); `brain_aseg` = the "
+             "FreeSurfer-labelled brain warped by seeded random diffeomorphisms (EPE against the known field, Dice "
+             "over the 30 usual labels); `oasis_pair` = two real subjects, both directions (Dice of the two labels). "
+             "EPE is measured inside the fixed image's foreground. `identity` is doing nothing (an untrained "
+             "network, whose flow head starts at zero).", "",
+             "## Speed and memory (issue 2 targets)", ""]
+    timing_section(lines)
+    lines += ["## Accuracy", ""]
+    accuracy_section(lines)
+    model_section(lines)
+    notes = ROOT / "benchmarks" / "NOTES.md"
+    if notes.is_file():
+        lines += [notes.read_text().strip(), ""]
+    DOC.parent.mkdir(parents=True, exist_ok=True)
+    DOC.write_text("\n".join(lines) + "\n")
+    print(f"wrote {DOC}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
