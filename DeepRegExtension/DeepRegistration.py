@@ -13,6 +13,10 @@ import tempfile
 import time
 from typing import Optional
 
+_MODULE_DIR = os.path.dirname(os.path.abspath(__file__))
+if _MODULE_DIR not in sys.path:
+    sys.path.insert(0, _MODULE_DIR)
+
 try:  # inside Slicer
     import qt
     import slicer
@@ -24,32 +28,12 @@ try:  # inside Slicer
     _IN_SLICER = True
 except ImportError:  # plain Python (+ slicer-core): the Logic stays usable and testable
     _IN_SLICER = False
+    from DeepRegistrationLib.standins import (ScriptedLoadableModule, ScriptedLoadableModuleLogic,  # noqa: F401
+                                              ScriptedLoadableModuleTest, ScriptedLoadableModuleWidget,
+                                              VTKObservationMixin)
 
-    class _Standin:
-        """Base classes outside the application (distinct classes, so the MRO stays valid)."""
 
-        def __init__(self, *args, **kwargs):
-            pass
-
-    class ScriptedLoadableModule(_Standin):
-        pass
-
-    class ScriptedLoadableModuleWidget(_Standin):
-        pass
-
-    class ScriptedLoadableModuleLogic(_Standin):
-        pass
-
-    class ScriptedLoadableModuleTest(_Standin):
-        pass
-
-    class VTKObservationMixin(_Standin):
-        pass
-
-_MODULE_DIR = os.path.dirname(os.path.abspath(__file__))
-if _MODULE_DIR not in sys.path:
-    sys.path.insert(0, _MODULE_DIR)
-
+from DeepRegistrationLib.standins import resource_path as _resource_path  # noqa: E402
 from DeepRegistrationLib import scene as dscene  # noqa: E402
 from DeepRegistrationLib.process import WorkerProcess, default_python, register_command  # noqa: E402
 
@@ -57,12 +41,7 @@ DEVICE_AUTO, DEVICE_CPU = "auto", "cpu"
 
 
 def resource_path(relative: str) -> str:
-    """A file of ``Resources/``: next to the installed module, else the source tree's top level."""
-    for base in (os.path.join(_MODULE_DIR, "Resources"), os.path.join(os.path.dirname(_MODULE_DIR), "Resources")):
-        candidate = os.path.join(base, relative)
-        if os.path.exists(candidate):
-            return candidate
-    return os.path.join(_MODULE_DIR, "Resources", relative)
+    return _resource_path(_MODULE_DIR, relative)
 
 
 #

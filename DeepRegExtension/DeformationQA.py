@@ -12,6 +12,10 @@ import os
 import sys
 from typing import Optional
 
+_MODULE_DIR = os.path.dirname(os.path.abspath(__file__))
+if _MODULE_DIR not in sys.path:
+    sys.path.insert(0, _MODULE_DIR)
+
 try:  # inside Slicer
     import qt
     import slicer
@@ -23,40 +27,18 @@ try:  # inside Slicer
     _IN_SLICER = True
 except ImportError:  # plain Python (+ slicer-core): the Logic stays usable and testable
     _IN_SLICER = False
+    from DeepRegistrationLib.standins import (ScriptedLoadableModule, ScriptedLoadableModuleLogic,  # noqa: F401
+                                              ScriptedLoadableModuleTest, ScriptedLoadableModuleWidget,
+                                              VTKObservationMixin)
 
-    class _Standin:
-        def __init__(self, *args, **kwargs):
-            pass
 
-    class ScriptedLoadableModule(_Standin):
-        pass
-
-    class ScriptedLoadableModuleWidget(_Standin):
-        pass
-
-    class ScriptedLoadableModuleLogic(_Standin):
-        pass
-
-    class ScriptedLoadableModuleTest(_Standin):
-        pass
-
-    class VTKObservationMixin(_Standin):
-        pass
-
-_MODULE_DIR = os.path.dirname(os.path.abspath(__file__))
-if _MODULE_DIR not in sys.path:
-    sys.path.insert(0, _MODULE_DIR)
-
+from DeepRegistrationLib.standins import resource_path as _resource_path  # noqa: E402
 from DeepRegistrationLib import qa  # noqa: E402
 from DeepRegistrationLib import scene as dscene  # noqa: E402
 
 
 def resource_path(relative: str) -> str:
-    for base in (os.path.join(_MODULE_DIR, "Resources"), os.path.join(os.path.dirname(_MODULE_DIR), "Resources")):
-        candidate = os.path.join(base, relative)
-        if os.path.exists(candidate):
-            return candidate
-    return os.path.join(_MODULE_DIR, "Resources", relative)
+    return _resource_path(_MODULE_DIR, relative)
 
 
 class DeformationQA(ScriptedLoadableModule):

@@ -13,12 +13,7 @@ ORIGIN = (-12.5, 40.0, 7.25)
 SIZE_XYZ = (6, 5, 4)  # ITK order; the array/tensor shape is (4, 5, 6)
 
 
-def rotation(ax: float, ay: float, az: float) -> np.ndarray:
-    cx, sx, cy, sy, cz, sz = np.cos(ax), np.sin(ax), np.cos(ay), np.sin(ay), np.cos(az), np.sin(az)
-    rx = np.array([[1, 0, 0], [0, cx, -sx], [0, sx, cx]])
-    ry = np.array([[cy, 0, sy], [0, 1, 0], [-sy, 0, cy]])
-    rz = np.array([[cz, -sz, 0], [sz, cz, 0], [0, 0, 1]])
-    return rz @ ry @ rx
+from helpers import rotation  # noqa: E402
 
 
 DIRECTION = rotation(0.3, -0.5, 1.1)

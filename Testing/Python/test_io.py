@@ -20,12 +20,7 @@ SPACING = (0.9, 1.3, 2.1)
 ORIGIN = (-30.0, 12.5, 4.0)
 
 
-def rotation(ax: float, ay: float, az: float) -> np.ndarray:
-    cx, sx, cy, sy, cz, sz = np.cos(ax), np.sin(ax), np.cos(ay), np.sin(ay), np.cos(az), np.sin(az)
-    rx = np.array([[1, 0, 0], [0, cx, -sx], [0, sx, cx]])
-    ry = np.array([[cy, 0, sy], [0, 1, 0], [-sy, 0, cy]])
-    rz = np.array([[cz, -sz, 0], [sz, cz, 0], [0, 0, 1]])
-    return rz @ ry @ rx
+from helpers import rotation  # noqa: E402
 
 
 DIRECTION = rotation(0.35, -0.2, 0.8)

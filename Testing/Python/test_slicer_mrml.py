@@ -27,12 +27,7 @@ POINT_TOL_MM = 1e-3
 _REVERSE4 = np.diag([1.0, 1.0, 1.0, 1.0])[[2, 1, 0, 3]]  # (i, j, k, 1) <-> (k, j, i, 1)
 
 
-def rotation(ax: float, ay: float, az: float) -> np.ndarray:
-    cx, sx, cy, sy, cz, sz = np.cos(ax), np.sin(ax), np.cos(ay), np.sin(ay), np.cos(az), np.sin(az)
-    rx = np.array([[1, 0, 0], [0, cx, -sx], [0, sx, cx]])
-    ry = np.array([[cy, 0, sy], [0, 1, 0], [-sy, 0, cy]])
-    rz = np.array([[cz, -sz, 0], [sz, cz, 0], [0, 0, 1]])
-    return rz @ ry @ rx
+from helpers import rotation  # noqa: E402
 
 
 def oblique_grid(shape=(10, 12, 14), direction=None) -> Grid:
