@@ -26,10 +26,14 @@ def write_example_pair(folder) -> Tuple[Path, Path, Path, Path]:
     from .synth import example_pair
     import torch
 
+    from .errors import BadInputError
     folder = Path(folder)
     paths = tuple(folder / n for n in EXAMPLE_FILES)
     if all(p.is_file() for p in paths):
         return paths
+    if folder.exists() and any(folder.iterdir()):
+        raise BadInputError(f"{folder} exists and holds other files; the example writes its inputs "
+                            "there: move them, or choose another --out")
     folder.mkdir(parents=True, exist_ok=True)
     pair = example_pair(EXAMPLE_SHAPE, seed=0)
     grid = example_grid()
