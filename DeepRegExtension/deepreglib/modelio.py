@@ -31,6 +31,15 @@ def register_network(cls):
 def _ensure_builtin_networks() -> None:
     from .networks.voxelmorph import VoxelMorph
     NETWORKS.setdefault("VoxelMorph", VoxelMorph)
+    from .networks.dnet import DNet
+    NETWORKS.setdefault("DNet", DNet)
+    from .networks.sam import SAMNet
+    NETWORKS.setdefault("SAMNet", SAMNet)
+    from .networks.sam_voxelmorph import SAMVoxelMorph
+    NETWORKS.setdefault("SAMVoxelMorph", SAMVoxelMorph)
+    from .networks import r2n2  # noqa: F401  (registers R2N2)
+    from .networks import carnet  # noqa: F401  (registers CarNet)
+    from .networks import amdf  # noqa: F401  (registers AMDF, RoiSegmentationUNet, LabelAutoEncoder)
 
 
 def models_dir() -> Path:

@@ -11,6 +11,7 @@ displacement field on the fixed grid; rigid/affine runs export ``A`` as an ITK a
 """
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import json
 import os
@@ -355,6 +356,8 @@ def register(opts: RegisterOptions, reporter: Optional[Reporter] = None,
                 add("warped_labels", "labels", "warped_labels.nii.gz", fixed_grid,
                     "moving labels resampled onto the fixed grid (nearest neighbour)",
                     io.tensor_to_image(wl.round().to(torch.int16), fixed_grid))
+            outputs.extend(result.write_files(tmp))
+            check()
             for name, vol in result.volumes.items():
                 v = resample_to_grid(vol.detach().cpu().float(), net, fixed_grid)
                 add(name, "volume", f"{name}.nii.gz", fixed_grid, f"{name} (method output)",
@@ -459,7 +462,7 @@ def _refine(result, f_net, m_net, net, opts, labels, landmarks, fixed_grid, movi
     info = dict(result.info)
     info["refine_steps"] = opts.refine
     info["refine_resolution"] = resolution
-    return MethodResult(displacement=u, velocity=v, matrix=result.matrix, volumes=result.volumes, info=info)
+    return dataclasses.replace(result, displacement=u, velocity=v, info=info)  # keeps a subclass's extras
 
 
 def _inverse_on_moving_grid(velocity: torch.Tensor, net: Grid, moving_grid: Grid, matrix: np.ndarray) -> torch.Tensor:

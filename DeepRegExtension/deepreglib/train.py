@@ -48,6 +48,10 @@ class TrainingRecipe:
     lr: float = 1e-4
     #: names of the loss terms ``loss`` may report (the columns of ``loss.csv``)
     terms: Tuple[str, ...] = ()
+    #: extra keyword arguments of ``torch.optim.Adam`` (e.g. ``{"amsgrad": True}``)
+    optimizer_options: Dict[str, object] = field(default_factory=dict)
+    #: adds the recipe's own command-line options (named ``--METHOD-...``, with defaults)
+    add_arguments: Optional[Callable[[argparse.ArgumentParser], None]] = None
 
 
 RECIPES: Dict[str, TrainingRecipe] = {}
@@ -153,7 +157,7 @@ def train(args: argparse.Namespace, log: Callable[[str], None] = print) -> Path:
     ckpt_path = out / "checkpoint.pt"
     device = torch.device(args.device)
     model = recipe.build(args).to(device)
-    opt = torch.optim.Adam(model.parameters(), lr=args.lr or recipe.lr)
+    opt = torch.optim.Adam(model.parameters(), lr=args.lr or recipe.lr, **recipe.optimizer_options)
     step = 0
     if ckpt_path.is_file():
         ckpt = torch.load(ckpt_path, map_location=device, weights_only=True)
@@ -300,6 +304,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint-every", type=int, default=25)
     p.add_argument("--log-every", type=int, default=10)
     p.add_argument("--export", default=None, help="write NAME.pt + NAME.json (model card) here at the end")
+    for recipe in RECIPES.values():
+        if recipe.add_arguments is not None:
+            recipe.add_arguments(p)
+    p.add_argument("--seg-model", default=None,
+                   help="amdf: model file (.pt) of the trained amdf_seg ROI segmentation net")
+    p.add_argument("--ae-model", default=None,
+                   help="amdf: model file (.pt) of the trained amdf_ae label auto-encoder")
 
 
 # -- voxelmorph ----------------------------------------------------------------------------------
@@ -337,3 +348,12 @@ register_recipe("voxelmorph", TrainingRecipe(
     build=_build_voxelmorph, loss=_voxelmorph_loss, lr=1e-4, terms=("ncc_loss", "grad", "dice_loss"),
     description="diffeomorphic VoxelMorph: local NCC (window 9) + reg_weight * gradient smoothness of the "
                 "displacement, + label_weight * (1 - Dice) of synthetic label maps when label_weight > 0"))
+
+
+from .methods import carnet_training  # noqa: F401,E402
+from .methods import amdf_training  # noqa: F401,E402
+
+
+from .methods import r2n2_training  # noqa: F401,E402  (registers the r2n2 recipe)
+
+from .methods import dnet_training, sam_training  # noqa: F401,E402  (register dnet, sam, same_vxm)

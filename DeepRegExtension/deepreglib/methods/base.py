@@ -50,6 +50,12 @@ class MethodResult:
     volumes: Dict[str, torch.Tensor] = field(default_factory=dict)
     info: Dict[str, object] = field(default_factory=dict)
 
+    def write_files(self, folder) -> list:
+        """Write method-specific outputs (point lists, sequences) into ``folder``; return their
+        manifest entries (``name``, ``kind``, ``path`` relative to ``folder``, ``description``).
+        The run's common outputs are written by the pipeline; most methods add nothing here."""
+        return []
+
 
 class Method:
     """Base class: a method sees the fixed and moving images already resampled onto the grid it

@@ -1,0 +1,77 @@
+"""Training recipe ``r2n2``: ``deepreg train r2n2 --out DIR [--r2n2-steps T ...]``.
+
+Unsupervised, as in Sandkuehler et al. 2019::
+
+    loss = (1/T) sum_t S(F, M o f_t) + lambda * TV(f_T)
+
+``S`` is MSE or 1 - local NCC (window 9), ``TV`` the isotropic total variation of the final voxel
+displacement (a dimensionless strain, so ``lambda`` means the same at any resolution); Adam with
+AMSGrad; the network's recurrent convolutions carry multiplicative Gaussian weight noise in
+training (:class:`~deepreglib.networks.r2n2.R2N2`, ``weight_noise``). Starting points: T = 25,
+lambda = 0.1, s_max = 0.3, learning rate 1e-4.
+"""
+from __future__ import annotations
+
+import argparse
+from typing import Dict, Tuple
+
+import torch
+
+from ..losses import TotalVariation
+from ..networks.r2n2 import SIMILARITIES, R2N2, dissimilarity
+from ..train import TrainingRecipe, label_dice_term, register_recipe
+
+DEFAULTS = {"steps": 25, "tv_weight": 0.1, "s_max": 0.3, "similarity": "mse", "weight_noise": 0.1}
+
+
+def add_r2n2_arguments(p: argparse.ArgumentParser) -> None:
+    """The recipe's own options (ignored by other recipes)."""
+    p.add_argument("--r2n2-steps", type=int, default=DEFAULTS["steps"],
+                   help="r2n2: number of local deformations T per registration in training")
+    p.add_argument("--r2n2-tv-weight", type=float, default=DEFAULTS["tv_weight"],
+                   help="r2n2: lambda, weight of the total variation of the final field")
+    p.add_argument("--r2n2-s-max", type=float, default=DEFAULTS["s_max"],
+                   help="r2n2: largest Gaussian variance per axis (normalised units squared)")
+    p.add_argument("--r2n2-similarity", choices=SIMILARITIES, default=DEFAULTS["similarity"],
+                   help="r2n2: image similarity (mse, or ncc = 1 - local NCC)")
+    p.add_argument("--r2n2-weight-noise", type=float, default=DEFAULTS["weight_noise"],
+                   help="r2n2: std of the multiplicative Gaussian noise on recurrent weights (0: off)")
+
+
+def _arg(args: argparse.Namespace, name: str):
+    return getattr(args, f"r2n2_{name}", DEFAULTS[name])
+
+
+def build_r2n2(args: argparse.Namespace) -> R2N2:
+    return R2N2(steps=_arg(args, "steps"), s_max=_arg(args, "s_max"), weight_noise=_arg(args, "weight_noise"),
+                similarity=_arg(args, "similarity"))
+
+
+def r2n2_loss(model: R2N2, batch: Dict[str, torch.Tensor], args: argparse.Namespace
+              ) -> Tuple[torch.Tensor, Dict[str, float]]:
+    """``(1/T) sum_t S(F, M o f_t) + lambda TV(f_T)`` (+ ``label_weight`` (1 - Dice) on synthetic
+    pairs when asked). Returns the total and its terms: ``similarity`` (the mean over steps),
+    ``final_similarity`` (``S(F, M o f_T)``), ``tv``."""
+    fixed, moving = batch["fixed"], batch["moving"]
+    out = model(moving, fixed, return_warped=True)
+    metric = dissimilarity(model.similarity)
+    per_step = torch.stack([metric(out.warped_steps[:, t], fixed) for t in range(out.steps)], dim=1)
+    sim = per_step.mean()
+    tv = TotalVariation()(out.displacement)
+    total = sim + _arg(args, "tv_weight") * tv
+    terms = {"similarity": float(sim.detach()), "final_similarity": float(per_step[:, -1].detach().mean()),
+             "tv": float(tv.detach())}
+    label_weight = getattr(args, "label_weight", 0.0)
+    if label_weight > 0 and "fixed_labels" in batch:
+        dice = label_dice_term(batch, out.displacement)
+        total = total + label_weight * dice
+        terms["dice_loss"] = float(dice.detach())
+    return total, terms
+
+
+register_recipe("r2n2", TrainingRecipe(
+    build=build_r2n2, loss=r2n2_loss, lr=1e-4, terms=("similarity", "final_similarity", "tv", "dice_loss"),
+    description="R2N2 in 3D: mean over the T steps of S(F, M o f_t) (MSE or 1 - local NCC) + "
+                "r2n2_tv_weight * isotropic TV of the final voxel field; Adam with AMSGrad; "
+                "Gaussian DropConnect on the recurrent units",
+    optimizer_options={"amsgrad": True}, add_arguments=add_r2n2_arguments))

@@ -1,0 +1,312 @@
+"""D-Net (``dnet``): 6D -> SO(3), mutual non-local links, the network-coordinate -> LPS geometry,
+the method and ``--init dnet`` (a network whose output is pinned to a known pose, so geometry is
+checked exactly without trained weights), the training pair and a short training run."""
+import argparse
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from deepreglib import align
+from deepreglib.geometry import Grid, voxel_grid_points
+from deepreglib.methods.dnet import (DNetMethod, dnet_grid, dnet_initializer, normalized_to_index,
+                                     normalized_to_physical, physical_rigid, rotation_error_deg)
+from deepreglib.methods.dnet_training import _loss as dnet_recipe_loss
+from deepreglib.methods.dnet_training import dnet_loss_terms, rigid_training_pair
+from deepreglib.methods.learned_init import register_learned_initializers
+from deepreglib.methods.base import RunContext
+from deepreglib.modelio import save_model
+from deepreglib.networks.dnet import DNet, MutualNonLocal, rotation_to_sixd, sixd_to_rotation
+from deepreglib.resample import resample_to_grid
+from deepreglib.synth import rotation_matrix
+from deepreglib.warp import identity_grid, sample_at
+
+TINY = dict(channels=(1, 4, 8, 8, 8, 8, 8), decoder=(8, 8, 8, 8), hidden=16, pool=2)
+
+
+def _check_rotations(r, atol=1e-5):
+    eye = torch.eye(3, dtype=r.dtype).expand_as(r)
+    assert torch.allclose(r.transpose(-1, -2) @ r, eye, atol=atol)
+    assert torch.allclose(torch.linalg.det(r), torch.ones(r.shape[:-2], dtype=r.dtype), atol=atol)
+
+
+# -- 6D -> SO(3) ------------------------------------------------------------------------------------
+def test_sixd_to_rotation_is_orthonormal_with_det_one_also_for_degenerate_inputs():
+    g = torch.Generator().manual_seed(0)
+    random = torch.randn(2000, 6, generator=g) * torch.logspace(-6, 6, 2000)[:, None]
+    a = torch.randn(6, 3, generator=g)
+    degenerate = torch.cat([
+        torch.cat([a, a], 1),  # a2 parallel to a1
+        torch.cat([a, -3 * a], 1),  # antiparallel
+        torch.cat([a, a + 1e-7 * torch.randn(6, 3, generator=g)], 1),  # nearly parallel
+        torch.cat([torch.zeros(6, 3), a], 1),  # a1 = 0
+        torch.cat([a, torch.zeros(6, 3)], 1),  # a2 = 0
+        torch.zeros(1, 6),
+        torch.tensor([[0.0, 0, 1, 0, 0, 1], [1e-30, 0, 0, 0, 1e-30, 0]]),  # axis-aligned, tiny
+    ])
+    for x in (random, degenerate):
+        r = sixd_to_rotation(x)
+        assert r.dtype == x.dtype and torch.isfinite(r).all()
+        _check_rotations(r)
+    # generic inputs: exactly the paper's Gram-Schmidt
+    x = torch.randn(50, 6, generator=g, dtype=torch.float64)
+    b1 = x[:, :3] / x[:, :3].norm(dim=1, keepdim=True)
+    b2 = x[:, 3:] - (b1 * x[:, 3:]).sum(1, keepdim=True) * b1
+    b2 = b2 / b2.norm(dim=1, keepdim=True)
+    expected = torch.stack([b1, b2, torch.cross(b1, b2, dim=1)], dim=-1)
+    assert torch.allclose(sixd_to_rotation(x), expected, atol=1e-12)
+    # the training target round-trips
+    rots = torch.stack([torch.as_tensor(rotation_matrix(ax, ang)) for ax, ang in
+                        zip(torch.randn(20, 3, generator=g).numpy(), np.linspace(-3.1, 3.1, 20))])
+    assert torch.allclose(sixd_to_rotation(rotation_to_sixd(rots)), rots, atol=1e-12)
+    with pytest.raises(ValueError):
+        sixd_to_rotation(torch.zeros(3, 5))
+
+
+# -- mutual non-local link --------------------------------------------------------------------------
+def test_mutual_non_local_equals_a_naive_reference():
+    torch.manual_seed(0)
+    mnl = MutualNonLocal(3).double()
+    x_f = torch.randn(2, 3, 2, 2, 3, dtype=torch.float64)
+    x_m = torch.randn(2, 3, 2, 2, 3, dtype=torch.float64)
+    out_f, out_m = mnl(x_f, x_m)
+    w = mnl.w.weight[:, :, 0, 0, 0]  # (C_out, C_in)
+
+    def naive(a, b):  # y(k) = sum_j softmax_j((W a_k) . (W b_j)) W b_j, loops over voxels
+        n, c = a.shape[:2]
+        a_flat, b_flat = a.reshape(n, c, -1), b.reshape(n, c, -1)
+        y = torch.zeros_like(a_flat)
+        weights = torch.zeros(n, a_flat.shape[2], b_flat.shape[2], dtype=a.dtype)
+        for i in range(n):
+            for k in range(a_flat.shape[2]):
+                logits = torch.stack([(w @ a_flat[i, :, k]) @ (w @ b_flat[i, :, j]) for j in range(b_flat.shape[2])])
+                p = torch.exp(logits - logits.max())
+                p = p / p.sum()
+                weights[i, k] = p
+                y[i, :, k] = sum(p[j] * (w @ b_flat[i, :, j]) for j in range(b_flat.shape[2]))
+        return y.reshape(a.shape), weights
+
+    y_m2f, att = naive(x_f, x_m)
+    y_f2m, _ = naive(x_m, x_f)
+    assert torch.allclose(out_f, x_f + y_m2f, atol=1e-10)
+    assert torch.allclose(out_m, x_m + y_f2m, atol=1e-10)
+    assert torch.allclose(mnl.attention(x_f, x_m), att, atol=1e-12)
+    with pytest.raises(ValueError):
+        mnl(x_f, x_m[:, :, :1])
+
+
+# -- the network ------------------------------------------------------------------------------------
+def test_untrained_dnet_gives_a_valid_rotation_near_the_identity():
+    torch.manual_seed(0)
+    net = DNet().eval()  # the paper's channels on a 64^3 input
+    f, m = torch.rand(1, 1, 64, 64, 64), torch.rand(1, 1, 64, 64, 64)
+    with torch.no_grad():
+        out = net(m, f)
+    assert out.rotation.shape == (1, 3, 3) and out.translation.shape == (1, 3) and out.sixd.shape == (1, 6)
+    _check_rotations(out.rotation)
+    assert rotation_error_deg(out.rotation[0].numpy(), np.eye(3)) < 1.0
+    assert float(out.translation.abs().max()) < 0.05
+    with pytest.raises(ValueError):
+        net(m, f[:, :, :32])
+    with torch.no_grad():
+        amap = DNet(**TINY).eval().attention_map(m[..., :32, :32, :32], f[..., :32, :32, :32], (10, 20, 5))
+    assert amap.shape == (1, 1, 32, 32, 32) and float(amap.min()) >= 0 and float(amap.max()) == pytest.approx(1.0)
+
+
+# -- geometry: normalised network coordinates -> LPS mm --------------------------------------------
+def test_normalized_coordinates_map_to_millimetres_as_documented():
+    g = dnet_grid((10.0, -20.0, 30.0), 17, 2.5)  # h = 8 voxels = 20 mm
+    p = normalized_to_physical(g)
+    apply = lambda v: p[:3, :3] @ np.asarray(v, float) + p[:3, 3]  # noqa: E731
+    assert np.allclose(apply([0, 0, 0]), [10, -20, 30])
+    assert np.allclose(apply([1, 0, 0]), [10, -20, 50])  # +k is +z (LPS superior)
+    assert np.allclose(apply([0, -1, 0]), [10, -40, 30])  # -j is -y
+    assert np.allclose(apply([0, 0, 1]), [30, -20, 30])  # +i is +x
+    assert np.allclose(normalized_to_index((9, 5, 3)) @ [0, 0, 0, 1], [4, 2, 1, 1])
+    assert np.allclose(normalized_to_index((9, 5, 3)) @ [1, 1, 1, 1], [8, 6, 5, 1])  # one scalar h = 4
+
+
+def _index_points(m, shape):
+    """``(1, 3, *shape)`` float64: ``M x`` for every voxel index ``x`` of ``shape``."""
+    x = identity_grid(shape, torch.float64)
+    m = torch.as_tensor(m, dtype=torch.float64)
+    return torch.einsum("pc,ncdhw->npdhw", m[:3, :3], x) + m[:3, 3].view(1, 3, 1, 1, 1)
+
+
+def _pinned_dnet(rotation, translation, input_size=16):
+    """A tiny D-Net whose output is the given pose for any input (zero last-layer weights)."""
+    net = DNet(input_size=input_size, **TINY)
+    with torch.no_grad():
+        net.fc2.weight.zero_()
+        r = torch.as_tensor(rotation, dtype=torch.float32)
+        net.fc2.bias.copy_(torch.cat([rotation_to_sixd(r), torch.as_tensor(translation, dtype=torch.float32)]))
+    return net.eval()
+
+
+def _blob(points_lps, centre=(0.0, 0.0, 0.0)):
+    """Smooth asymmetric test object as a function of physical position."""
+    p = np.asarray(points_lps) - np.asarray(centre)
+    out = np.exp(-((p / np.array([14.0, 10.0, 8.0])) ** 2).sum(-1))
+    out += 0.7 * np.exp(-(((p - np.array([6.0, 3.0, -2.0])) / 7.0) ** 2).sum(-1))
+    return out
+
+
+def test_physical_matrix_equals_the_pose_in_network_coordinates():
+    r = rotation_matrix((1.0, -2.0, 0.5), 2.0)
+    t = np.array([0.1, -0.2, 0.05])
+    g_f = dnet_grid((5.0, -3.0, 12.0), 16, 3.0)
+    g_m = dnet_grid((-20.0, 8.0, 2.0), 16, 3.0)
+    a = physical_rigid(r, t, g_f, g_m)
+    assert np.allclose(a[:3, :3].T @ a[:3, :3], np.eye(3), atol=1e-12) and np.linalg.det(a[:3, :3]) > 0
+    pts = voxel_grid_points(g_m, torch.float64)[0].permute(1, 2, 3, 0).numpy()
+    moving = torch.as_tensor(_blob(pts, (-20.0, 8.0, 2.0)), dtype=torch.float32)[None, None]
+    via_lps = resample_to_grid(moving, g_m, g_f, a)
+    # the same pull done in network index space: fixed index -> normalised -> T -> moving index
+    n = normalized_to_index(g_f.shape)
+    t4 = np.eye(4)
+    t4[:3, :3], t4[:3, 3] = r, t
+    m_idx = n @ t4 @ np.linalg.inv(n)
+    direct = sample_at(moving, _index_points(m_idx, g_f.shape).float())
+    assert float((via_lps - direct).abs().max()) < 1e-4
+    assert float(direct.abs().max()) > 0.5  # the object is in view, so the comparison means something
+
+
+def test_dnet_initializer_and_composition_with_a_second_transform(tmp_path, monkeypatch):
+    fixed_grid = Grid((20, 24, 22), (2.0, 1.5, 2.5), (-15.0, -20.0, -25.0), tuple(np.eye(3).ravel()))
+    moving_grid = Grid((22, 22, 18), (1.8, 1.8, 2.2), (-30.0, -10.0, -12.0), tuple(np.eye(3).ravel()))
+    r, t = rotation_matrix((0.0, 1.0, 1.0), 0.7), np.array([0.05, 0.0, -0.1])
+    path = save_model(_pinned_dnet(r, t), tmp_path / "models" / "dnet")
+    monkeypatch.setattr(align, "INITIALIZERS", dict(align.INITIALIZERS))
+    assert register_learned_initializers(tmp_path / "empty") == []
+    assert register_learned_initializers(tmp_path / "models") == ["dnet"]
+    pts = voxel_grid_points(moving_grid, torch.float64)[0].permute(1, 2, 3, 0).numpy()
+    moving = torch.as_tensor(_blob(pts, (-10.0, 8.0, 8.0)), dtype=torch.float32)[None, None]
+    fixed = torch.rand(1, 1, *fixed_grid.shape)
+    m_init = align.initial_transform("dnet", fixed, fixed_grid, moving, moving_grid)
+    # expected: cubes centred on each image, common spacing = longest side of either / 16
+    spacing = max(fixed_grid.extent_mm.max(), moving_grid.extent_mm.max()) / 16
+    centre = lambda g: g.index_to_physical((np.asarray(g.shape) - 1) / 2.0)  # noqa: E731
+    expected = physical_rigid(r, t, dnet_grid(centre(fixed_grid), 16, spacing),
+                              dnet_grid(centre(moving_grid), 16, spacing))
+    assert np.allclose(m_init, expected, atol=1e-5)
+    assert np.allclose(m_init, dnet_initializer(fixed, fixed_grid, moving, moving_grid, weights=path))
+    # init then a second transform B (what the method adds) == one pull through init @ B
+    b = np.eye(4)
+    b[:3, :3] = rotation_matrix((1, 0, 0), 0.1) * 1.05
+    b[:3, 3] = (1.0, -2.0, 0.5)
+    once = resample_to_grid(moving, moving_grid, fixed_grid, m_init @ b)
+    step1 = resample_to_grid(moving, moving_grid, fixed_grid, m_init)
+    twice = resample_to_grid(step1, fixed_grid, fixed_grid, b)
+    inside = once > 0.05
+    assert int(inside.sum()) > 100
+    assert float((once - twice)[inside].abs().mean()) < 0.01
+    wrong = resample_to_grid(step1, fixed_grid, fixed_grid, np.linalg.inv(b))  # order matters
+    assert float((once - wrong)[inside].abs().mean()) > 0.03
+
+
+def test_dnet_method_recovers_a_pinned_pose_through_the_pipeline(tmp_path, monkeypatch):
+    from deepreglib import io, registry
+    from deepreglib.pipeline import RegisterOptions, register
+
+    oblique = rotation_matrix((0.3, 1.0, 0.2), 0.4)
+    fixed_grid = Grid((24, 26, 28), (2.0, 2.0, 2.0), (-25.0, -30.0, -20.0), tuple(oblique.ravel()))
+    centre = fixed_grid.index_to_physical((np.asarray(fixed_grid.shape) - 1) / 2.0)
+    # a known physical rigid pose fixed -> moving, about the fixed centre
+    m_true = np.eye(4)
+    m_true[:3, :3] = rotation_matrix((1.0, 1.0, 0.0), 1.3)
+    m_true[:3, 3] = centre + np.array([4.0, -3.0, 2.0]) - m_true[:3, :3] @ centre
+    moving_grid = fixed_grid
+    pts_f = voxel_grid_points(fixed_grid, torch.float64)[0].permute(1, 2, 3, 0).numpy()
+    pts_m = pts_f @ np.linalg.inv(m_true)[:3, :3].T + np.linalg.inv(m_true)[:3, 3]
+    fixed_t = torch.as_tensor(_blob(pts_f, centre), dtype=torch.float32)[None, None]
+    moving_t = torch.as_tensor(_blob(pts_m, centre), dtype=torch.float32)[None, None]  # moving(M p) = fixed(p)
+    io.write_image(io.tensor_to_image(fixed_t, fixed_grid), str(tmp_path / "f.nii.gz"))
+    io.write_image(io.tensor_to_image(moving_t, moving_grid), str(tmp_path / "m.nii.gz"))
+
+    info = registry.MethodInfo(name="dnet_test", title="D-Net (test)", description="", kind="rigid", weights=None,
+                               implementation="deepreglib.methods.dnet:DNetMethod", supports_refine=False)
+    monkeypatch.setitem(registry.METHODS, "dnet_test", info)
+    size = 16
+    net_grid = dnet_grid(centre, size, fixed_grid.extent_mm.max() / size)
+    p = normalized_to_physical(net_grid)
+    pose = np.linalg.inv(p) @ m_true @ p  # what a perfect D-Net predicts
+    path = save_model(_pinned_dnet(pose[:3, :3], pose[:3, 3], size), tmp_path / "dnet")
+    method = DNetMethod(info, "cpu", weights=path)
+    assert method.grid_for(fixed_grid) == net_grid
+    manifest = json.loads(register(RegisterOptions(fixed=str(tmp_path / "f.nii.gz"), moving=str(tmp_path / "m.nii.gz"),
+                                                   out=str(tmp_path / "out"), method="dnet_test", device="cpu",
+                                                   weights=str(path), qa=False)).read_text())
+    written = io.read_linear_transform(tmp_path / "out" / "transform.tfm")
+    assert np.allclose(written, m_true, atol=1e-3)
+    assert manifest["method_outputs"]["rotation_deg"] == pytest.approx(math.degrees(1.3), abs=1e-3)
+    warped, _ = io.image_to_tensor(io.read_image(str(tmp_path / "out" / "warped.nii.gz")))
+    src = moving_grid.physical_to_index(pts_f @ m_true[:3, :3].T + m_true[:3, 3])
+    in_view = torch.as_tensor(np.all((src >= 0) & (src <= np.asarray(moving_grid.shape) - 1), axis=-1))[None, None]
+    assert int(in_view.sum()) > 1000
+    err = (warped - fixed_t)[in_view].abs()
+    assert float(err.max()) < 0.08 and float(err.mean()) < 0.01  # trilinear error of the blob only
+    direct = resample_to_grid(moving_t, moving_grid, fixed_grid, m_true)
+    assert float((warped - direct).abs().max()) < 1e-3
+    att_img = io.read_image(str(tmp_path / "out" / "mutual_attention.nii.gz"))
+    att, att_grid = io.image_to_tensor(att_img)
+    assert att_grid.shape == fixed_grid.shape and np.allclose(att_grid.direction, fixed_grid.direction)
+    assert 0.0 <= float(att.min()) and float(att.max()) <= 1.0 + 1e-6
+    result = method.run(torch.rand(1, 1, size, size, size), torch.rand(1, 1, size, size, size), net_grid, RunContext())
+    assert np.allclose(result.matrix, m_true, atol=1e-4)
+
+
+# -- training -----------------------------------------------------------------------------------------
+def _compact_volume(n=24):
+    """The blob at 2 voxels per mm unit: about 7 voxels wide, nearly 0 at the edges."""
+    coords = identity_grid((n, n, n), torch.float64)[0].permute(1, 2, 3, 0).numpy() - (n - 1) / 2
+    return torch.as_tensor(_blob(2.0 * coords), dtype=torch.float32)[None, None]
+
+
+def test_training_pair_has_the_stated_pose_and_ranges():
+    vol = _compact_volume()
+    g = torch.Generator().manual_seed(3)
+    ex = rigid_training_pair(vol, g, augment=False)
+    r, t = ex["rotation"][0].double().numpy(), ex["translation"][0].double().numpy()
+    _check_rotations(ex["rotation"])
+    assert np.all(np.abs(t) <= 0.25 * 24 / 11.5 + 1e-9)  # 1/4 extent in units of h = 11.5 voxels
+    assert torch.allclose(ex["sixd"][0], rotation_to_sixd(ex["rotation"])[0])
+    # moving(R x + t) == fixed(x) in normalised coordinates, checked where both are in view
+    n = normalized_to_index((24, 24, 24))
+    t4 = np.eye(4)
+    t4[:3, :3], t4[:3, 3] = r, t
+    m = n @ t4 @ np.linalg.inv(n)
+    pts = _index_points(m, (24, 24, 24))
+    pulled = sample_at(ex["moving"], pts.float())
+    inside = ((pts >= 1) & (pts <= 22)).all(dim=1, keepdim=True) & (ex["fixed"] > 0.05)
+    assert int(inside.sum()) > 50
+    assert float((pulled - ex["fixed"])[inside].abs().max()) < 0.06
+    draws = [rigid_training_pair(vol, torch.Generator().manual_seed(s), augment=False) for s in range(30)]
+    angles = [rotation_error_deg(np.eye(3), d["rotation"][0].numpy()) for d in draws]
+    assert max(angles) > 90  # the full range is drawn, not small angles only
+
+
+def test_dnet_loss_terms_have_known_values():
+    lt, lr = dnet_loss_terms(torch.zeros(1, 6), torch.zeros(1, 3), torch.ones(1, 6), torch.tensor([[1.0, 0, 0]]))
+    assert float(lt) == pytest.approx(0.5 / 1.01) and float(lr) == pytest.approx(3.0)
+    lt, lr = dnet_loss_terms(torch.ones(1, 6), torch.ones(1, 3), torch.ones(1, 6), torch.ones(1, 3))
+    assert float(lt) == 0 and float(lr) == 0
+
+
+def test_short_dnet_training_lowers_the_loss():
+    torch.manual_seed(0)
+    model = DNet(input_size=24, **TINY)
+    vol = _compact_volume()
+    batch = {"fixed": vol, "moving": vol}
+    args = argparse.Namespace(seed=0)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(25):
+        total, terms = dnet_recipe_loss(model, batch, args)
+        assert set(terms) == {"translation_loss", "rotation_loss"}
+        opt.zero_grad()
+        total.backward()
+        opt.step()
+        losses.append(float(total.detach()))
+    assert np.mean(losses[-3:]) < 0.5 * losses[0]
