@@ -28,7 +28,7 @@ class _ArgumentParser(argparse.ArgumentParser):
 
 
 def _register_parser(sub) -> None:
-    from .pipeline import INIT_CHOICES
+    from .pipeline import init_choices
     from .registry import DEFAULT_METHOD, method_names
     p = sub.add_parser("register", help="register a moving image to a fixed image",
                        description="Register MOVING to FIXED and write the warped image, the transform, "
@@ -40,7 +40,7 @@ def _register_parser(sub) -> None:
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps")
     p.add_argument("--refine", type=int, default=0, metavar="N",
                    help="N instance-optimisation steps after the network (0: none)")
-    p.add_argument("--init", default="none", choices=INIT_CHOICES, help="initial alignment")
+    p.add_argument("--init", default="none", choices=init_choices(), help="initial alignment")
     p.add_argument("--initial-transform", default=None, help="ITK linear transform file (fixed->moving) to start from")
     p.add_argument("--fixed-mask", default=None)
     p.add_argument("--moving-mask", default=None)
@@ -49,6 +49,9 @@ def _register_parser(sub) -> None:
     p.add_argument("--fixed-landmarks", default=None, help="CSV or Slicer .mrk.json")
     p.add_argument("--moving-landmarks", default=None, help="CSV or Slicer .mrk.json, same order")
     p.add_argument("--weights", default=None, help="use these weights instead of the shipped ones")
+    p.add_argument("--method-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="an option of the method (repeatable); VALUE is read as JSON when it parses, "
+                        "e.g. query_point=[10.5,-3,22] or uncertainty_samples=16")
     p.add_argument("--no-qa", action="store_true", help="do not draw qa.png")
     p.add_argument("--no-cpu-fallback", action="store_true", help="fail instead of retrying on the CPU after CUDA OOM")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
@@ -64,10 +67,26 @@ def _cmd_register(args, reporter) -> int:
         fixed_mask=args.fixed_mask, moving_mask=args.moving_mask, fixed_labels=args.fixed_labels,
         moving_labels=args.moving_labels, fixed_landmarks=args.fixed_landmarks,
         moving_landmarks=args.moving_landmarks, weights=args.weights, qa=not args.no_qa,
-        cpu_fallback=not args.no_cpu_fallback, threads=args.threads)
+        cpu_fallback=not args.no_cpu_fallback, threads=args.threads,
+        method_options=parse_method_options(args.method_option))
     manifest = register(opts, reporter)
     reporter.result(str(manifest))
     return EXIT_OK
+
+
+def parse_method_options(items: List[str]) -> dict:
+    """``["k=v", ...]`` -> ``{k: v}`` with ``v`` parsed as JSON when possible (else a string)."""
+    from .errors import BadInputError
+    options = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise BadInputError(f"--method-option needs KEY=VALUE, got {item!r}")
+        try:
+            options[key.strip().replace("-", "_")] = json.loads(value)
+        except ValueError:
+            options[key.strip().replace("-", "_")] = value
+    return options
 
 
 def _cmd_methods(args, reporter) -> int:

@@ -42,7 +42,14 @@ from .resample import physical_field, resample_to_grid
 from .warp import sample_at
 
 MANIFEST_FORMAT = "deepreg-manifest/1"
-INIT_CHOICES = ("none", "center", "moments", "rigid", "affine")
+INIT_CHOICES = ("none", "center", "moments", "rigid", "affine")  # always available
+
+
+def init_choices() -> tuple:
+    """Every ``--init`` name: the classic ones plus learned initialisers whose weights are shipped."""
+    from .align import INITIALIZERS
+    from .methods import learned_init  # noqa: F401  (registers dnet / same-affine when available)
+    return tuple(INITIALIZERS)
 
 
 @dataclass
@@ -64,6 +71,7 @@ class RegisterOptions:
     fixed_landmarks: Optional[str] = None
     moving_landmarks: Optional[str] = None
     weights: Optional[str] = None
+    method_options: Dict[str, object] = field(default_factory=dict)
     qa: bool = True
     cpu_fallback: bool = True
     threads: Optional[int] = None
@@ -173,8 +181,8 @@ def register(opts: RegisterOptions, reporter: Optional[Reporter] = None,
     t_total = time.perf_counter()
     out = Path(opts.out).resolve()
     info = get_method_info(opts.method)
-    if opts.init not in INIT_CHOICES:
-        raise BadInputError(f"--init must be one of {', '.join(INIT_CHOICES)}, got {opts.init!r}")
+    if opts.init not in INIT_CHOICES and opts.init not in init_choices():
+        raise BadInputError(f"--init must be one of {', '.join(init_choices())}, got {opts.init!r}")
     if opts.refine < 0:
         raise BadInputError(f"--refine must be >= 0, got {opts.refine}")
     check_output_folder(out)
@@ -257,7 +265,14 @@ def register(opts: RegisterOptions, reporter: Optional[Reporter] = None,
     # -- method, with CUDA out-of-memory falling back to the CPU ---------------------------------
     def run_method(dev: torch.device):
         with timer.stage("preprocess"):
-            method = create_method(opts.method, dev, **({"weights": opts.weights} if opts.weights else {}))
+            options = dict(opts.method_options)
+            if opts.weights:
+                options["weights"] = opts.weights
+            try:
+                method = create_method(opts.method, dev, **options)
+            except TypeError as e:  # an option the method does not take
+                raise BadInputError(f"method {opts.method!r} does not accept these options "
+                                    f"{sorted(opts.method_options)}: {e}")
             net = method.grid_for(fixed_grid)
             f_net = _to_grid(fixed_n, fixed_grid, net).to(dev)
             m_net = resample_to_grid(moving_n, moving_grid, net, matrix_lps=matrix).to(dev)
@@ -377,7 +392,8 @@ def register(opts: RegisterOptions, reporter: Optional[Reporter] = None,
                                     "initial_transform") and v},
                 "grids": {"fixed": grid_dict(fixed_grid), "moving": grid_dict(moving_grid),
                           "network": grid_dict(net)},
-                "parameters": {"refine": opts.refine, "init": opts.init, "device_requested": opts.device},
+                "parameters": {"refine": opts.refine, "init": opts.init, "device_requested": opts.device,
+                               "method_options": opts.method_options},
                 "device": str(device),
                 "weights": {"path": method.weights_path, "sha256": method.weights_sha256},
                 "matrix_lps": matrix.tolist(),

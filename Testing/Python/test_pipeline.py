@@ -166,3 +166,21 @@ def test_device_names_are_checked():
     if not torch.cuda.is_available():
         with pytest.raises(BadInputError, match="CUDA"):
             resolve_device("cuda:0")
+
+
+def test_unknown_method_option_is_bad_input(identity_weights, tmp_path):
+    fixed = phantom((16, 16, 16), (2.0, 2.0, 2.0))
+    sitk.WriteImage(fixed, str(tmp_path / "f.nii.gz"))
+    with pytest.raises(BadInputError, match="no option"):
+        register(RegisterOptions(fixed=str(tmp_path / "f.nii.gz"), moving=str(tmp_path / "f.nii.gz"),
+                                 out=str(tmp_path / "run"), weights=str(identity_weights), device="cpu",
+                                 method_options={"window": 3}))
+    assert not (tmp_path / "run").exists()
+
+
+def test_method_options_parse_as_json():
+    from deepreglib.cli import parse_method_options
+    assert parse_method_options(["query_point=[1, -2.5, 3]", "samples=16", "fit=ransac"]) == \
+        {"query_point": [1, -2.5, 3], "samples": 16, "fit": "ransac"}
+    with pytest.raises(BadInputError):
+        parse_method_options(["no-equals-sign"])

@@ -7,7 +7,7 @@ from typing import Callable, Dict, Optional
 import numpy as np
 import torch
 
-from ..errors import CancelledError
+from ..errors import BadInputError, CancelledError
 from ..geometry import Grid
 from ..preprocess import network_grid
 
@@ -66,7 +66,15 @@ class Method:
     #: multiple every network-grid size must be
     divisor = 16
 
+    #: names of the options (``--method-option KEY=VALUE``) the method reads from ``self.options``
+    OPTIONS: tuple = ()
+
     def __init__(self, info, device: torch.device, **options):
+        unknown = sorted(set(options) - set(self.OPTIONS))
+        if unknown:
+            name = getattr(info, "name", type(self).__name__)
+            raise BadInputError(f"method {name!r} has no option {', '.join(unknown)}; its options are: "
+                                f"{', '.join(self.OPTIONS) or 'none'}")
         self.info = info
         self.device = torch.device(device)
         self.options = options

@@ -16,6 +16,8 @@ from .base import Method, MethodResult, RunContext
 
 
 class CarNetMethod(Method):
+    OPTIONS = ("uncertainty_samples", "seed", "query_point")
+
     def __init__(self, info, device, weights=None, **options):
         super().__init__(info, device, **options)
         from ..networks.carnet import CarNet

@@ -70,6 +70,8 @@ class R2N2Method(Method):
 
     divisor = 8
 
+    OPTIONS = ("max_steps", "stop_threshold", "stop_window", "stop_similarity", "sequence")
+
     def __init__(self, info, device, weights=None, **options):
         super().__init__(info, device, **options)
         path = weights or (models_dir() / f"{info.weights}.pt")
