@@ -103,15 +103,22 @@ def accuracy_section(lines):
 
 def model_section(lines):
     cards = sorted((ROOT / "Resources" / "Models").glob("*.json"))
-    lines += ["## Shipped models", "", "| model | iterations | device | training patch | loss first 100 → last 100 | s/step | sha256 |",
-              "|---|---|---|---|---|---|---|"]
+    lines += ["## Shipped models", ""]
     for c in cards:
         card = json.loads(c.read_text())
         log = card.get("training_log", {})
-        lines.append(f"| {c.stem} | {card.get('iterations')} | {card.get('device')} | {card['training']['shape']} | "
-                     f"{fmt(log.get('loss_first_mean'))} → {fmt(log.get('loss_last_mean'))} | {fmt(log.get('seconds_per_step'), 2)} | "
-                     f"`{card['sha256'][:16]}…` |")
-    lines.append("")
+        lines += [f"### `{c.stem}`", "",
+                  f"- {card.get('iterations')} iterations on {card.get('device')} ({card.get('threads')} threads, "
+                  f"{fmt(log.get('seconds_per_step'), 2)} s/step), patch {card['training']['shape']}, "
+                  f"lr {card['training']['lr']}, sha256 `{card['sha256']}`",
+                  f"- loss: {card['training'].get('loss', '')}"]
+        for kind in ("synthetic", "real"):
+            for term, v in log.get(kind, {}).items():
+                lines.append(f"- {kind} pairs, `{term}`: {fmt(v['first'])} (steps {v['first_steps'][0]}–{v['first_steps'][1]}) "
+                             f"→ {fmt(v['last'])} (steps {v['last_steps'][0]}–{v['last_steps'][1]})")
+        for sess in card.get("sessions", []):
+            lines.append(f"- from step {sess['from_step']}: {sess['changed']}")
+        lines.append("")
     if (ROOT / "docs" / "images" / "voxelmorph_loss.png").is_file():
         lines += ["![voxelmorph training loss](images/voxelmorph_loss.png)", ""]
 

@@ -246,17 +246,32 @@ def _save_checkpoint(path: Path, model: nn.Module, opt: torch.optim.Optimizer, s
     os.replace(tmp, path)
 
 
-def loss_summary(csv_path: Path, window: int = 100) -> Dict[str, float]:
-    """Mean loss over the first and the last ``window`` steps of a run's ``loss.csv``."""
+def loss_summary(csv_path: Path, window: int = 100, last_step: Optional[int] = None) -> Dict[str, object]:
+    """Mean of every logged term over the first and the last ``window`` steps of a run's
+    ``loss.csv``, separately for synthetic and real pairs (their losses are not comparable),
+    counting only steps up to ``last_step`` (the checkpoint exported)."""
     with open(csv_path) as f:
-        rows = list(csv.DictReader(f))
+        rows = [r for r in csv.DictReader(f) if last_step is None or int(r["step"]) <= last_step]
     if not rows:
         return {}
-    first = [float(r["loss"]) for r in rows[:window]]
-    last = [float(r["loss"]) for r in rows[-window:]]
-    secs = [float(r["seconds"]) for r in rows]
-    return {"steps_logged": len(rows), "loss_first_mean": float(np.mean(first)),
-            "loss_last_mean": float(np.mean(last)), "seconds_per_step": float(np.mean(secs))}
+    out: Dict[str, object] = {"steps_logged": len(rows),
+                              "seconds_per_step": float(np.mean([float(r["seconds"]) for r in rows]))}
+    terms = [k for k in rows[0] if k not in ("step", "seconds", "real")]
+    for kind, flag in (("synthetic", "0"), ("real", "1")):
+        sel = [r for r in rows if r.get("real") == flag]
+        if not sel:
+            continue
+        summary = {}
+        for term in terms:
+            vals = [(int(r["step"]), float(r[term])) for r in sel if r.get(term) not in (None, "")]
+            if len(vals) < 2:
+                continue
+            first, last = vals[:window], vals[-window:]
+            summary[term] = {"first": float(np.mean([v for _, v in first])),
+                             "last": float(np.mean([v for _, v in last])),
+                             "first_steps": [first[0][0], first[-1][0]], "last_steps": [last[0][0], last[-1][0]]}
+        out[kind] = summary
+    return out
 
 
 def export(model: nn.Module, args: argparse.Namespace, csv_path: Path, step: int) -> Path:
@@ -275,7 +290,7 @@ def export(model: nn.Module, args: argparse.Namespace, csv_path: Path, step: int
                          "real_fraction": cfg.get("real_fraction") if cfg.get("real_dir") else 0.0,
                          "real_spacing_mm": cfg.get("real_spacing"),
                          "loss": RECIPES[args.method].description},
-            "training_log": loss_summary(csv_path),
+            "training_log": loss_summary(csv_path, last_step=step),
             "sessions": [{"from_step": x["from_step"],
                           "changed": {k: v for k, v in x["args"].items()
                                       if k in ("lr", "label_weight", "reg_weight", "real_fraction", "shape",
