@@ -26,16 +26,21 @@ try:  # inside Slicer
     from slicer.util import VTKObservationMixin
     from typing import Annotated, Union
     _IN_SLICER = True
-except ImportError:  # plain Python (+ slicer-core): the Logic stays usable and testable
+except ImportError:  # plain Python (+ slicer-core): the Logic and the self-tests stay usable
     _IN_SLICER = False
     from DeepRegistrationLib.standins import (ScriptedLoadableModule, ScriptedLoadableModuleLogic,  # noqa: F401
                                               ScriptedLoadableModuleTest, ScriptedLoadableModuleWidget,
                                               VTKObservationMixin)
+    try:
+        import slicer  # slicer-core: Slicer's MRML without the application
+    except ImportError:
+        slicer = None
 
 
 from DeepRegistrationLib.standins import resource_path as _resource_path  # noqa: E402
 from DeepRegistrationLib import scene as dscene  # noqa: E402
-from DeepRegistrationLib.process import WorkerProcess, default_python, register_command  # noqa: E402
+from DeepRegistrationLib.process import (WorkerProcess, default_python, parse_method_options,  # noqa: E402
+                                         register_command)
 
 DEVICE_AUTO, DEVICE_CPU = "auto", "cpu"
 
@@ -86,6 +91,8 @@ if _IN_SLICER:
         fixedLandmarks: slicer.vtkMRMLMarkupsFiducialNode
         movingLandmarks: slicer.vtkMRMLMarkupsFiducialNode
         initialTransform: slicer.vtkMRMLLinearTransformNode
+        queryPoint: slicer.vtkMRMLMarkupsFiducialNode
+        methodOptions: str = ""
         outputVolume: slicer.vtkMRMLScalarVolumeNode
         outputTransform: slicer.vtkMRMLTransformNode
         createJacobian: bool = True
@@ -126,6 +133,9 @@ class DeepRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                              ("Rigid", "rigid"), ("Affine", "affine")):
             self.ui.initializationComboBox.addItem(label, value)
 
+        # the overlay list shows the method maps of runs, not every volume of the scene
+        self.ui.overlaySelector.addAttribute("vtkMRMLScalarVolumeNode", dscene.OVERLAY_ATTRIBUTE, "true")
+
         self.ui.methodComboBox.currentIndexChanged.connect(self.onMethodSelected)
         self.ui.deviceComboBox.currentIndexChanged.connect(self.onDeviceSelected)
         self.ui.initializationComboBox.currentIndexChanged.connect(self.onInitializationSelected)
@@ -143,8 +153,14 @@ class DeepRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.initializeParameterNode()
 
     def cleanup(self) -> None:
-        if self._run is not None:
-            self._run.cancel()
+        if self._run is not None:  # the module is closing: stop the worker, drop its files
+            self._timer.stop()
+            self._run.cancel(discard=True, block=True)
+            try:
+                self._run.finish()  # removes the temporary folder
+            except RuntimeError as e:  # the worker outlived the kill: leave its folder
+                logging.warning("DeepRegistration: %s; temporary files left in %s", e, self._run.temp_dir)
+            self._run = None
         self.removeObservers()
 
     def enter(self) -> None:
@@ -157,8 +173,8 @@ class DeepRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.removeObserver(self._parameterNode, vtk_modified_event(), self._updateGUI)
 
     def onSceneStartClose(self, caller, event) -> None:
-        if self._run is not None:
-            self._run.cancel()
+        if self._run is not None:  # its input nodes are going away: nothing to load into
+            self._run.cancel(discard=True)
         self.setParameterNode(None)
 
     def onSceneEndClose(self, caller, event) -> None:
@@ -187,6 +203,9 @@ class DeepRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         p = self._parameterNode
         if p is None:
             return
+        if self.ui.deviceComboBox.findData(p.device) < 0 and p.device:
+            # a device saved with the scene (e.g. cuda:1) before "Detect GPUs" listed it
+            self.ui.deviceComboBox.addItem(p.device, p.device)
         for combo, value in ((self.ui.methodComboBox, p.method), (self.ui.deviceComboBox, p.device),
                              (self.ui.initializationComboBox, p.initialization)):
             index = combo.findData(value)
@@ -196,9 +215,7 @@ class DeepRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 combo.blockSignals(False)
         info = self.logic.methodInfo(p.method)
         if info is not None:
-            times = ", ".join(f"{k.upper()} ~{v:g} s" for k, v in info.expected_seconds.items())
-            self.ui.methodDescriptionLabel.text = (f"{info.description}\nKind: {info.kind}. Expected "
-                                                   f"time (160x192x224): {times}.\n{info.input_note}")
+            self.ui.methodDescriptionLabel.text = self.logic.methodSummary(info)
             self.ui.refineStepsSpinBox.enabled = info.supports_refine
         running = self._run is not None
         self.ui.applyButton.text = "Cancel" if running else "Apply"
@@ -249,6 +266,8 @@ class DeepRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.progressBar.value = 0
             self._run = self.logic.runFromParameterNode(self._parameterNode)
             self._log(" ".join(self._run.worker.args))
+            for message in self._run.messages:
+                self._log("note: " + message)
             self._timer.start()
         self._updateGUI()
 
@@ -275,6 +294,8 @@ class DeepRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             results = None
         outcome = run.outcome
         self.ui.statusLabel.text = outcome.message
+        if run.keep_temp:
+            self._log(f"temporary files kept in {run.temp_dir}")
         if outcome.status in ("bad_input", "failed"):
             slicer.util.errorDisplay(outcome.message, detailedText=outcome.details or None)
         elif results is not None:
@@ -282,17 +303,7 @@ class DeepRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._updateGUI()
 
     def _showResults(self, results) -> None:
-        m = results.metrics
-        parts = []
-        if "folding_percent" in m:
-            parts.append(f"folding {m['folding_percent']:.3f}%")
-        if "sdlogj" in m:
-            parts.append(f"SDlogJ {m['sdlogj']:.3f}")
-        if "ncc_before" in m and "ncc_after" in m:
-            parts.append(f"NCC {m['ncc_before']:.3f} -> {m['ncc_after']:.3f}")
-        if "tre_before_mm" in m:
-            parts.append(f"TRE {m['tre_before_mm']:.2f} -> {m['tre_after_mm']:.2f} mm")
-        self.ui.metricsLabel.text = "; ".join(parts) or "(no metrics)"
+        self.ui.metricsLabel.text = dscene.metrics_summary(results.metrics)
         for message in results.messages:
             self._log("note: " + message)
         fixed = self._parameterNode.fixedVolume
@@ -301,6 +312,12 @@ class DeepRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._overlays = results.overlays
         if results.overlays:
             self.ui.overlaySelector.setCurrentNode(results.overlays[0])
+        for browser in results.browsers.values():  # step-by-step play-back: the Sequences toolbar
+            try:
+                slicer.modules.sequences.setToolBarActiveBrowserNode(browser)
+                slicer.modules.sequences.setToolBarVisible(True)
+            except AttributeError:  # a Slicer without that API: the Sequences module still plays it
+                self._log(f"play the steps in the Sequences module ('{browser.GetName()}')")
 
     def onOverlaySelected(self, node) -> None:
         if node is not None and self._parameterNode is not None:
@@ -327,28 +344,34 @@ class RegistrationRun:
     """A started registration: poll it (GUI timer), cancel it, then :meth:`finish` loads the
     results and removes the temporary folder (unless kept)."""
 
-    def __init__(self, worker: WorkerProcess, temp_dir: str, fixed, moving, choices, keep_temp: bool):
+    def __init__(self, worker: WorkerProcess, temp_dir: str, fixed, moving, choices, keep_temp: bool,
+                 messages=()):
         self.worker = worker
         self.temp_dir = temp_dir
         self.fixed = fixed
         self.moving = moving
         self.choices = choices
         self.keep_temp = keep_temp
+        self.messages = list(messages)
+        self.discard = False
         self.outcome = None
         self.results = None
 
     def poll(self):
         return self.worker.poll()
 
-    def cancel(self) -> None:
-        self.worker.cancel(block=False)
+    def cancel(self, discard: bool = False, block: bool = False) -> None:
+        """Stop the worker and its children. ``discard``: load nothing even if it had already
+        finished (its input nodes are going away)."""
+        self.discard = self.discard or discard
+        self.worker.cancel(block=block)
 
     def finish(self):
         """Loads the results (``LoadedResults``) if the run succeeded, else returns None; see
-        :attr:`outcome` for how it ended."""
+        :attr:`outcome` for how it ended. Removes the temporary folder unless it is kept."""
         try:
             self.outcome = self.worker.outcome()
-            if self.outcome.ok:
+            if self.outcome.ok and not self.discard:
                 self.results = dscene.load_results(self.outcome.manifest, self.fixed, self.moving, self.choices)
             return self.results
         finally:
@@ -380,6 +403,20 @@ class DeepRegistrationLogic(ScriptedLoadableModuleLogic):
     def methodInfo(name: str):
         from deepreglib.registry import METHODS
         return METHODS.get(name)
+
+    @staticmethod
+    def methodSummary(info) -> str:
+        """What the method selector shows under the list: description, kind, expected time per
+        device kind and what inputs it expects (all from the engine's registry)."""
+        names = {"cpu": "CPU", "cuda": "GPU (CUDA)", "mps": "Apple GPU"}
+        times = ", ".join(f"{names.get(k, k)} ~{v:g} s" for k, v in info.expected_seconds.items())
+        lines = [info.description, f"Kind: {info.kind}." + (f" Expected time (160x192x224 voxels): "
+                                                             f"{times}." if times else "")]
+        if info.input_note:
+            lines.append(info.input_note)
+        if not info.weights:
+            lines.append("Needs no trained network.")
+        return "\n".join(lines)
 
     @staticmethod
     def devices():
@@ -421,10 +458,17 @@ class DeepRegistrationLogic(ScriptedLoadableModuleLogic):
               fixedLandmarks=None, movingLandmarks=None, initialTransform=None, outputVolume=None,
               outputTransform=None, createWarped: bool = True, createJacobian: bool = True,
               createInverse: bool = True, showMethodOutputs: bool = True,
-              keepTemporaryFiles: bool = False, python: Optional[str] = None) -> RegistrationRun:
+              keepTemporaryFiles: bool = False, queryPoint=None, methodOptions: str = "",
+              python: Optional[str] = None) -> RegistrationRun:
         """Write the inputs and start the worker; returns at once with a :class:`RegistrationRun`.
 
-        Raises ``ValueError`` for missing or identical inputs (checked before anything starts).
+        ``queryPoint``: a point list whose first point is the fixed-image point whose attention
+        or similarity map the method draws (CAR-Net, D-Net, SAME: method option
+        ``query_point``). ``methodOptions``: more options of the method, ``"KEY=VALUE; ..."``
+        (the worker says which options a method has when one is wrong).
+
+        Raises ``ValueError`` for missing or identical inputs, or an output node that is an
+        input (checked before anything starts).
         """
         if fixedVolume is None or movingVolume is None:
             raise ValueError("choose a fixed and a moving volume")
@@ -432,6 +476,12 @@ class DeepRegistrationLogic(ScriptedLoadableModuleLogic):
             raise ValueError("the fixed and moving volumes are the same node; choose two volumes")
         if self.methodInfo(method) is None:
             raise ValueError(f"unknown method {method!r}")
+        dscene.check_output_nodes(fixedVolume, movingVolume, outputVolume, outputTransform,
+                                  other_inputs=(fixedMask, movingMask, fixedLandmarks, movingLandmarks,
+                                                initialTransform))
+        method_options = dict(parse_method_options(methodOptions))
+        if queryPoint is not None:
+            method_options["query_point"] = dscene.query_point_lps(queryPoint)
         temp_dir = tempfile.mkdtemp(prefix="DeepReg-", dir=_temp_root())
         try:
             inputs = dscene.write_worker_inputs(
@@ -441,7 +491,8 @@ class DeepRegistrationLogic(ScriptedLoadableModuleLogic):
             cmd = register_command(inputs.files["fixed"], inputs.files["moving"],
                                    os.path.join(temp_dir, "out"), method, python=python or default_python(),
                                    device=device, refine=refineSteps, init=initialization,
-                                   options=inputs.options(), flags=("no-qa",))
+                                   options=inputs.options(), flags=("no-qa",),
+                                   method_options=method_options)
             worker = WorkerProcess(cmd, env=self.workerEnvironment(), cwd=temp_dir).start()
         except Exception:
             shutil.rmtree(temp_dir, ignore_errors=True)
@@ -450,7 +501,8 @@ class DeepRegistrationLogic(ScriptedLoadableModuleLogic):
                                        create_warped=createWarped, create_jacobian=createJacobian,
                                        create_inverse=createInverse, create_method_outputs=showMethodOutputs)
         logging.info("DeepRegistration: started %s (pid %s) in %s", method, worker.pid, temp_dir)
-        return RegistrationRun(worker, temp_dir, fixedVolume, movingVolume, choices, keepTemporaryFiles)
+        return RegistrationRun(worker, temp_dir, fixedVolume, movingVolume, choices, keepTemporaryFiles,
+                               inputs.messages)
 
     def run(self, fixedVolume, movingVolume, timeout: Optional[float] = None, **kwargs):
         """Blocking version of :meth:`start` (console, scripts, self-tests). Returns the
@@ -478,7 +530,7 @@ class DeepRegistrationLogic(ScriptedLoadableModuleLogic):
             outputTransform=p.outputTransform, createWarped=p.outputVolume is not None,
             createJacobian=p.createJacobian,
             createInverse=p.createInverse, showMethodOutputs=p.showMethodOutputs,
-            keepTemporaryFiles=p.keepTemporaryFiles)
+            keepTemporaryFiles=p.keepTemporaryFiles, queryPoint=p.queryPoint, methodOptions=p.methodOptions)
 
 
 def _temp_root() -> Optional[str]:
@@ -494,28 +546,34 @@ def _temp_root() -> Optional[str]:
 # Test
 #
 class DeepRegistrationTest(ScriptedLoadableModuleTest):
-    """Self-tests run by Slicer's test factory: the weight-free ``iterative`` method on small
-    synthetic volumes, with measurable outcomes."""
+    """Self-tests run by Slicer's test factory (``ctest -R py_DeepRegistration``, Reload & Test):
+    the weight-free ``iterative`` method on small synthetic volumes (seconds on a CPU), with
+    measurable outcomes. They also run outside Slicer with ``slicer-core``
+    (Testing/Python/test_slicer_selftests.py)."""
 
     def setUp(self):
-        slicer.mrmlScene.Clear()
+        from DeepRegistrationLib.dependencies import missing_requirements
+        missing = missing_requirements()
+        if missing:  # installed on first use in the GUI; a test must not install packages
+            self.skipTest("the engine's Python packages are not installed: " + ", ".join(missing))
+        slicer.mrmlScene.Clear(0)
 
     def runTest(self):
-        self.setUp()
-        self.test_IterativeRegistrationAlignsBlob()
-        self.setUp()
-        self.test_CancelLeavesSceneUnchanged()
-        self.setUp()
-        self.test_BadInputIsReported()
+        for test in (self.test_IterativeRegistrationAlignsBlob, self.test_WithoutWarpedVolumeMovingIsShownRegistered,
+                     self.test_CancelLeavesSceneUnchanged, self.test_BadInputIsReported,
+                     self.test_InputsAreNeverOutputs, self.test_TemporaryFilesKeptOnlyWhenAsked):
+            self.setUp()
+            test()
 
-    def _pair(self, shift_mm=2.5, n=20):
+    def _pair(self, shift_vox=2.5, n=20):
+        """A Gaussian blob and the same blob shifted by ``shift_vox`` voxels (1 mm) along i."""
         import numpy as np
         k, j, i = np.mgrid[:n, :n, :n].astype(np.float64)
 
         def blob(ci):
             return (100 * np.exp(-((i - ci) ** 2 + (j - n / 2) ** 2 + (k - n / 2) ** 2) / (2 * 3.0 ** 2)) + 5).astype(np.float32)
         fixed = slicer.util.addVolumeFromArray(blob(n / 2), name="Fixed")
-        moving = slicer.util.addVolumeFromArray(blob(n / 2 + shift_mm), name="Moving")
+        moving = slicer.util.addVolumeFromArray(blob(n / 2 + shift_vox), name="Moving")
         return fixed, moving
 
     @staticmethod
@@ -546,11 +604,44 @@ class DeepRegistrationTest(ScriptedLoadableModuleTest):
         self.assertGreater(results.metrics["ncc_after"], results.metrics["ncc_before"])
         jac = results.nodes["jacobian"]
         self.assertEqual(jac.GetDisplayNode().GetColorNode().GetName(), dscene.JACOBIAN_COLOR_NODE_NAME)
+        self.assertEqual((jac.GetDisplayNode().GetWindowLevelMin(), jac.GetDisplayNode().GetWindowLevelMax()),
+                         dscene.JACOBIAN_WINDOW)
         transform = results.nodes["transform"]
         self.assertTrue(transform.IsA("vtkMRMLGridTransformNode"))
+        self.assertEqual(transform.GetNodeReferenceID(dscene.FIXED_REFERENCE_ROLE), fixed.GetID())
         self.assertEqual(transform.GetNodeReferenceID(dscene.MOVING_REFERENCE_ROLE), moving.GetID())
-        self.assertEqual(warped.GetAttribute("DeepReg.Method"), "iterative")
+        # the transform maps the fixed blob's centre onto the moving blob's (fixed -> moving)
+        mapped = np.array(transform.GetTransformFromParent().TransformPoint(self._centroid_ras(fixed).tolist()))
+        self.assertLess(np.linalg.norm(mapped - self._centroid_ras(moving)), 0.5)
+        for node in results.nodes.values():
+            self.assertEqual(node.GetAttribute("DeepReg.Method"), "iterative")
+            self.assertEqual(node.GetAttribute("DeepReg.Device"), "cpu")
+        self.assertIn("SDlogJ", dscene.metrics_summary(results.metrics))
         np.testing.assert_array_equal(slicer.util.arrayFromVolume(moving), before)
+        self.assertIsNone(moving.GetParentTransformNode())
+        # a second run adds new nodes; the first result stays as it was
+        first_warped = slicer.util.arrayFromVolume(warped).copy()
+        again = logic.run(fixedVolume=fixed, movingVolume=moving, method="iterative", device="cpu", timeout=300)
+        self.assertIsNot(again.nodes["warped"], warped)
+        self.assertNotEqual(again.nodes["warped"].GetName(), warped.GetName())
+        np.testing.assert_array_equal(slicer.util.arrayFromVolume(warped), first_warped)
+
+    def test_WithoutWarpedVolumeMovingIsShownRegistered(self):
+        import numpy as np
+        fixed, moving = self._pair()
+        logic = DeepRegistrationLogic()
+        results = logic.run(fixedVolume=fixed, movingVolume=moving, method="iterative", device="cpu",
+                            createWarped=False, timeout=300)
+        self.assertNotIn("warped", results.nodes)
+        self.assertIs(moving.GetParentTransformNode(), results.nodes["transform"])
+        # a second run registers the original moving volume again and moves it to the new result
+        again = logic.run(fixedVolume=fixed, movingVolume=moving, method="iterative", device="cpu",
+                          createWarped=False, timeout=300)
+        self.assertIs(moving.GetParentTransformNode(), again.nodes["transform"])
+        p = self._centroid_ras(fixed).tolist()
+        first = np.array(results.nodes["transform"].GetTransformFromParent().TransformPoint(p))
+        second = np.array(again.nodes["transform"].GetTransformFromParent().TransformPoint(p))
+        self.assertLess(np.linalg.norm(first - second), 0.05)  # the same registration, not a composition
 
     def test_CancelLeavesSceneUnchanged(self):
         fixed, moving = self._pair(n=40)
@@ -558,22 +649,48 @@ class DeepRegistrationTest(ScriptedLoadableModuleTest):
         run = DeepRegistrationLogic().start(fixed, moving, method="iterative", device="cpu")
         deadline = time.time() + 120
         while time.time() < deadline and not any(e.get("stage") == "inference" for e in run.poll()):
-            slicer.app.processEvents()
+            if _IN_SLICER:
+                slicer.app.processEvents()
             time.sleep(0.05)
-        run.worker.cancel()
-        run.worker.wait(30)
+        t0 = time.time()
+        run.cancel(block=True)
+        self.assertLess(time.time() - t0, 10.0)
         self.assertIsNone(run.finish())
         self.assertEqual(run.outcome.status, "cancelled")
         self.assertFalse(os.path.exists(run.temp_dir))
         self.assertEqual(slicer.mrmlScene.GetNumberOfNodes(), n_nodes)
 
     def test_BadInputIsReported(self):
+        import numpy as np
         fixed, _ = self._pair()
-        flat = slicer.util.addVolumeFromArray(__import__("numpy").zeros((8, 8, 8), "float32"), name="Empty")
+        flat = slicer.util.addVolumeFromArray(np.zeros((8, 8, 8), "float32"), name="Empty")
         with self.assertRaises(RuntimeError) as ctx:
             DeepRegistrationLogic().run(fixedVolume=fixed, movingVolume=flat, method="iterative", device="cpu", timeout=120)
         self.assertIn("empty", str(ctx.exception))
         self.assertNotIn("Traceback", str(ctx.exception))
+
+    def test_TemporaryFilesKeptOnlyWhenAsked(self):
+        fixed, moving = self._pair(n=12)
+        logic = DeepRegistrationLogic()
+        for keep in (False, True):
+            run = logic.start(fixed, moving, method="iterative", device="cpu", keepTemporaryFiles=keep)
+            try:
+                self.assertEqual(run.worker.wait(300), 0)
+                self.assertIsNotNone(run.finish())
+                self.assertEqual(os.path.isdir(run.temp_dir), keep)
+                if keep:  # the worker's inputs, outputs and manifest, for support
+                    for name in ("inputs/fixed.nrrd", "inputs/moving.nrrd", "out/manifest.json"):
+                        self.assertTrue(os.path.isfile(os.path.join(run.temp_dir, name)), name)
+            finally:
+                shutil.rmtree(run.temp_dir, ignore_errors=True)
+
+    def test_InputsAreNeverOutputs(self):
+        fixed, moving = self._pair()
+        n_nodes = slicer.mrmlScene.GetNumberOfNodes()
+        for kwargs in ({"outputVolume": moving}, {"outputVolume": fixed}):
+            with self.assertRaises(ValueError):
+                DeepRegistrationLogic().start(fixed, moving, method="iterative", device="cpu", **kwargs)
+        self.assertEqual(slicer.mrmlScene.GetNumberOfNodes(), n_nodes)
 
 
 def vtk_matrix_of(volume_node):

@@ -25,11 +25,15 @@ try:  # inside Slicer
     from slicer.util import VTKObservationMixin
     from typing import Union
     _IN_SLICER = True
-except ImportError:  # plain Python (+ slicer-core): the Logic stays usable and testable
+except ImportError:  # plain Python (+ slicer-core): the Logic and the self-tests stay usable
     _IN_SLICER = False
     from DeepRegistrationLib.standins import (ScriptedLoadableModule, ScriptedLoadableModuleLogic,  # noqa: F401
                                               ScriptedLoadableModuleTest, ScriptedLoadableModuleWidget,
                                               VTKObservationMixin)
+    try:
+        import slicer  # slicer-core: Slicer's MRML without the application
+    except ImportError:
+        slicer = None
 
 
 from DeepRegistrationLib.standins import resource_path as _resource_path  # noqa: E402
@@ -82,6 +86,7 @@ class DeformationQAWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.logic = None
         self._parameterNode = None
         self._parameterNodeGuiTag = None
+        self._lastTransform = None
 
     def setup(self) -> None:
         ScriptedLoadableModuleWidget.setup(self)
@@ -120,6 +125,7 @@ class DeformationQAWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if self._parameterNode:
             self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
             self._parameterNodeGuiTag = None
+            self.removeObserver(self._parameterNode, vtk_modified_event(), self._onParameterNodeModified)
 
     def onSceneStartClose(self, caller, event) -> None:
         self.ui.flickerButton.checked = False
@@ -134,18 +140,31 @@ class DeformationQAWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         p = self._parameterNode
         if not p.transformNode:
             p.transformNode = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLGridTransformNode")
-        if p.transformNode and not p.referenceVolume:
-            fixed = p.transformNode.GetNodeReference(dscene.FIXED_REFERENCE_ROLE)
-            if fixed is not None:
-                p.referenceVolume = fixed
-                p.fixedVolume = fixed
+        self._fillRelated()
 
     def setParameterNode(self, node) -> None:
         if self._parameterNode:
             self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self.removeObserver(self._parameterNode, vtk_modified_event(), self._onParameterNodeModified)
         self._parameterNode = node
         if self._parameterNode:
             self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
+            self.addObserver(self._parameterNode, vtk_modified_event(), self._onParameterNodeModified)
+
+    def _onParameterNodeModified(self, caller=None, event=None) -> None:
+        if self._parameterNode is not None and self._parameterNode.transformNode is not self._lastTransform:
+            self._fillRelated()
+
+    def _fillRelated(self) -> None:
+        """A newly chosen transform: fill the empty selectors with its reference, warped volume
+        and inverse (DeepRegistration results name them; others keep what the user chose)."""
+        p = self._parameterNode
+        self._lastTransform = p.transformNode
+        if p.transformNode is None:
+            return
+        for key, node in self.logic.relatedNodes(p.transformNode).items():
+            if node is not None and getattr(p, key) is None:
+                setattr(p, key, node)
 
     def _need(self, *names) -> bool:
         missing = [n for n in names if getattr(self._parameterNode, n) is None]
@@ -247,6 +266,11 @@ class DeformationQAWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.statusLabel.text = message
 
 
+def vtk_modified_event():
+    import vtk
+    return vtk.vtkCommand.ModifiedEvent
+
+
 class DeformationQALogic(ScriptedLoadableModuleLogic):
     """Usable from the Python console::
 
@@ -260,6 +284,38 @@ class DeformationQALogic(ScriptedLoadableModuleLogic):
     if _IN_SLICER:
         def getParameterNode(self):
             return DeformationQAParameterNode(super().getParameterNode())
+
+    @staticmethod
+    def relatedNodes(transformNode) -> dict:
+        """Nodes that belong with a DeepRegistration transform (``None`` where unknown, e.g. for
+        SlicerElastix's): ``referenceVolume`` and ``fixedVolume`` (its fixed reference),
+        ``warpedVolume`` and ``inverseTransform`` (outputs of the same run: same method and
+        time, roles swapped on the inverse)."""
+        fixed = transformNode.GetNodeReference(dscene.FIXED_REFERENCE_ROLE)
+        fixed_id = transformNode.GetNodeReferenceID(dscene.FIXED_REFERENCE_ROLE)
+        moving_id = transformNode.GetNodeReferenceID(dscene.MOVING_REFERENCE_ROLE)
+        out = {"referenceVolume": fixed, "fixedVolume": fixed, "warpedVolume": None, "inverseTransform": None}
+        run_time = transformNode.GetAttribute(dscene.ATTRIBUTE_PREFIX + "Time")
+        scene = transformNode.GetScene()
+        if not run_time or scene is None:
+            return out
+
+        def same_run(node, output):
+            return (node.GetAttribute(dscene.ATTRIBUTE_PREFIX + "Output") == output
+                    and node.GetAttribute(dscene.ATTRIBUTE_PREFIX + "Time") == run_time
+                    and node.GetAttribute(dscene.ATTRIBUTE_PREFIX + "Method")
+                    == transformNode.GetAttribute(dscene.ATTRIBUTE_PREFIX + "Method"))
+        for i in range(scene.GetNumberOfNodesByClass("vtkMRMLScalarVolumeNode")):
+            node = scene.GetNthNodeByClass(i, "vtkMRMLScalarVolumeNode")
+            if same_run(node, "warped") and node.GetNodeReferenceID(dscene.MOVING_REFERENCE_ROLE) == moving_id:
+                out["warpedVolume"] = node
+        for i in range(scene.GetNumberOfNodesByClass("vtkMRMLTransformNode")):
+            node = scene.GetNthNodeByClass(i, "vtkMRMLTransformNode")
+            if (same_run(node, "inverse_transform")
+                    and node.GetNodeReferenceID(dscene.FIXED_REFERENCE_ROLE) == moving_id
+                    and node.GetNodeReferenceID(dscene.MOVING_REFERENCE_ROLE) == fixed_id):
+                out["inverseTransform"] = node
+        return out
 
     @staticmethod
     def _name(transform_node, what: str) -> str:
@@ -337,38 +393,112 @@ class DeformationQALogic(ScriptedLoadableModuleLogic):
 
 class DeformationQATest(ScriptedLoadableModuleTest):
     """Known answers: a 10% scaling has Jacobian 1.331 everywhere and no folding; a translation
-    moves landmarks by its length and is perfectly inverse-consistent."""
+    moves landmarks by its length and is perfectly inverse-consistent; a grid transform with a
+    fold shows it; a checkerboard interleaves its two inputs."""
 
     def setUp(self):
-        slicer.mrmlScene.Clear()
+        from DeepRegistrationLib.dependencies import missing_requirements
+        missing = missing_requirements()
+        if missing:  # installed on first use in the GUI; a test must not install packages
+            self.skipTest("the engine's Python packages are not installed: " + ", ".join(missing))
+        slicer.mrmlScene.Clear(0)
 
     def runTest(self):
-        self.setUp()
-        self.test_ScalingJacobianAndReport()
+        for test in (self.test_ScalingJacobianAndReport, self.test_FoldingGridTransform,
+                     self.test_TransformDisplays, self.test_Checkerboard):
+            self.setUp()
+            test()
+
+    @staticmethod
+    def _linear(name, from_parent):
+        import vtk
+        t = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLLinearTransformNode", name)
+        m = vtk.vtkMatrix4x4()
+        for r in range(4):
+            for c in range(4):
+                m.SetElement(r, c, float(from_parent[r][c]))
+        t.SetMatrixTransformFromParent(m)
+        return t
 
     def test_ScalingJacobianAndReport(self):
         import numpy as np
         import vtk
         ref = slicer.util.addVolumeFromArray(np.zeros((10, 11, 12), "float32"), name="Reference")
-        t = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLLinearTransformNode", "Scale")
-        m = vtk.vtkMatrix4x4()
-        for i in range(3):
-            m.SetElement(i, i, 1.1)
-        t.SetMatrixTransformFromParent(m)
+        t = self._linear("Scale", np.diag([1.1, 1.1, 1.1, 1.0]))
         logic = DeformationQALogic()
         jac, stats = logic.jacobianVolume(t, ref)
         arr = slicer.util.arrayFromVolume(jac)
         self.assertAlmostEqual(float(arr.mean()), 1.331, places=3)
         self.assertEqual(stats["folding_percent"], 0.0)
         self.assertEqual(jac.GetDisplayNode().GetColorNode().GetName(), dscene.JACOBIAN_COLOR_NODE_NAME)
+        self.assertEqual(jac.GetNodeReferenceID("DeepReg.transform"), t.GetID())
+        mag, mstats = logic.magnitudeVolume(t, ref)
+        self.assertAlmostEqual(mstats["max_displacement_mm"], float(slicer.util.arrayFromVolume(mag).max()), places=4)
+        self.assertGreater(mstats["max_displacement_mm"], 0.5)
+        shift = np.eye(4)
+        shift[0, 3] = 1.0
+        translation = self._linear("Shift", shift)
         fixed = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", "F")
         moving = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", "M")
         fixed.AddControlPoint(vtk.vtkVector3d(10.0, 0.0, 0.0))
         moving.AddControlPoint(vtk.vtkVector3d(11.0, 0.0, 0.0))
         table = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLTableNode", "report")
-        stats = logic.report(t, ref, table, fixedLandmarks=fixed, movingLandmarks=moving)
+        stats = logic.report(translation, ref, table, fixedLandmarks=fixed, movingLandmarks=moving)
         self.assertAlmostEqual(stats["tre_before_mm"]["mean"], 1.0, places=6)
         self.assertAlmostEqual(stats["tre_after_mm"]["mean"], 0.0, places=6)
         self.assertLess(stats["inverse_consistency_mm"]["max"], 1e-6)
         self.assertGreater(table.GetNumberOfRows(), 5)
+        rows = {table.GetCellText(r, 0): table.GetCellText(r, 1) for r in range(table.GetNumberOfRows())}
+        self.assertEqual(rows["folding_percent"], "0")
+        self.assertEqual(rows["tre_after_mm.mean"], "0")
         logging.info("DeformationQA self-test passed")
+
+    def test_FoldingGridTransform(self):
+        """A displacement that turns a slab of the reference inside out: the folding % is that
+        slab's share of the voxels and its Jacobian voxels get the folding colour."""
+        import numpy as np
+        ref = slicer.util.addVolumeFromArray(np.zeros((6, 8, 20), "float32"), name="Reference")
+        import vtk
+        from vtk.util import numpy_support
+        i = np.arange(20, dtype=np.float64)
+        ux = np.where((i >= 8) & (i <= 11), -2.0 * (i - 8), np.where(i > 11, -6.0, 0.0))  # du/dx = -2 there
+        field = np.zeros((6, 8, 20, 3))
+        field[..., 0] = ux[None, None, :]  # along RAS x = i (identity IJK -> RAS)
+        image = vtk.vtkImageData()
+        image.SetDimensions(20, 8, 6)
+        image.GetPointData().SetScalars(numpy_support.numpy_to_vtk(field.reshape(-1, 3), deep=True))
+        transform = slicer.vtkOrientedGridTransform()
+        transform.SetDisplacementGridData(image)
+        transform.SetInterpolationModeToLinear()
+        grid = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLGridTransformNode", "Fold")
+        grid.SetAndObserveTransformFromParent(transform)
+        jac, stats = DeformationQALogic().jacobianVolume(grid, ref)
+        arr = slicer.util.arrayFromVolume(jac)
+        self.assertGreater(stats["folding_percent"], 10.0)
+        self.assertLess(float(arr.min()), 0.0)
+        self.assertLessEqual(float(arr.min()), jac.GetDisplayNode().GetWindowLevelMin())  # in the folding colour
+
+    def test_TransformDisplays(self):
+        import numpy as np
+        ref = slicer.util.addVolumeFromArray(np.zeros((5, 5, 5), "float32"), name="Reference")
+        t = self._linear("Scale", np.diag([1.1, 1.1, 1.1, 1.0]))
+        logic = DeformationQALogic()
+        for mode in ("grid", "glyph", "contour"):
+            logic.showTransformDisplay(t, mode, ref)
+            d = t.GetDisplayNode()
+            self.assertEqual(d.ConvertVisualizationModeToString(d.GetVisualizationMode()).lower(), mode)
+            self.assertTrue(d.GetVisibility2D())
+            self.assertEqual(d.GetRegionNode().GetID(), ref.GetID())
+        with self.assertRaises(ValueError):
+            logic.showTransformDisplay(t, "arrows")
+
+    def test_Checkerboard(self):
+        import numpy as np
+        if not _IN_SLICER:
+            self.skipTest("the checkerboard uses Slicer's CheckerBoardFilter CLI (application only)")
+        a = slicer.util.addVolumeFromArray(np.full((4, 16, 16), 10, "float32"), name="A")
+        b = slicer.util.addVolumeFromArray(np.full((4, 16, 16), 20, "float32"), name="B")
+        out = DeformationQALogic().checkerboard(a, b, pattern=(2, 2, 1))
+        arr = slicer.util.arrayFromVolume(out)
+        self.assertEqual(set(np.unique(arr).tolist()), {10.0, 20.0})
+        self.assertAlmostEqual(float((arr == 10).mean()), 0.5, places=2)

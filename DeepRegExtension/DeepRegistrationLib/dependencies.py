@@ -2,13 +2,16 @@
 consent, never when the module opens (importing torch takes seconds and installing it minutes).
 
 Order of installers: the PyTorch extension's ``PyTorchUtils`` for torch (it picks the CUDA
-build that matches the computer's driver), then ``slicer.pydeps.pip_ensure`` (Slicer 5.11+;
-``slicer.packaging`` in some 5.12 builds) for the rest, else ``slicer.util.pip_install``.
+build that matches the computer's driver; the extension declares ``PyTorch`` as a dependency),
+then ``slicer.packaging.pip_ensure`` (Slicer 5.12+; ``slicer.pydeps`` in 5.11 previews) for the
+rest, else ``slicer.util.pip_install``. The user is asked once, by :func:`ensure_dependencies`;
+the installers are told not to ask again.
 """
 from __future__ import annotations
 
 import importlib
 import importlib.util
+import inspect
 from typing import Callable, List, Optional
 
 #: (import name, pip requirement) the engine needs besides torch. SimpleITK and numpy ship with
@@ -22,13 +25,19 @@ def _installed(import_name: str) -> bool:
     return importlib.util.find_spec(import_name) is not None
 
 
-def _torch_too_old() -> bool:
+def _torch_version() -> Optional[str]:
     from importlib import metadata
     try:
-        version = metadata.version("torch")
+        return metadata.version("torch")
     except metadata.PackageNotFoundError:
+        return None
+
+
+def _torch_too_old() -> bool:
+    version = _torch_version()
+    if version is None:
         return False
-    major, minor = (int(x) for x in version.split("+")[0].split(".")[:2])
+    major, minor = (int("".join(c for c in x if c.isdigit()) or 0) for x in version.split("+")[0].split(".")[:2])
     return (major, minor) < (2, 1)
 
 
@@ -49,6 +58,9 @@ def _install_torch(log: Callable[[str], None]) -> None:
         PyTorchUtils = None
     if PyTorchUtils is not None:
         logic = PyTorchUtils.PyTorchUtilsLogic()
+        if logic.torchInstalled() and _torch_too_old():
+            raise RuntimeError(f"PyTorch {_torch_version()} is installed but {TORCH_REQUIREMENT} is needed; "
+                               "update it in the PyTorch Utils module (Uninstall, then Install) and restart Slicer")
         if not logic.torchInstalled():
             log("Installing PyTorch with the PyTorch extension (this can take several minutes)...")
             if logic.installTorch(askConfirmation=False, torchVersionRequirement=">=2.1") is None:
@@ -59,14 +71,20 @@ def _install_torch(log: Callable[[str], None]) -> None:
 
 def _pip(requirements: List[str], log: Callable[[str], None]) -> None:
     log("Installing " + ", ".join(requirements) + " ...")
-    for module_name in ("slicer.pydeps", "slicer.packaging"):
+    for module_name in ("slicer.packaging", "slicer.pydeps"):
         try:
             module = importlib.import_module(module_name)
         except ImportError:
             continue
         if hasattr(module, "pip_ensure"):
             from packaging.requirements import Requirement
-            module.pip_ensure([Requirement(r) for r in requirements], requester="DeepRegExtension")
+            kwargs = {"requester": "DeepRegExtension"}
+            params = inspect.signature(module.pip_ensure).parameters
+            for no_prompt in ("prompt_install", "prompt"):  # the user has said yes already
+                if no_prompt in params:
+                    kwargs[no_prompt] = False
+                    break
+            module.pip_ensure([Requirement(r) for r in requirements], **kwargs)
             return
     import slicer
     slicer.util.pip_install(" ".join(requirements))

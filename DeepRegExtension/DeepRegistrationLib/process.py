@@ -69,10 +69,31 @@ def default_python() -> str:
     return found or sys.executable
 
 
+def parse_method_options(text: str) -> Dict[str, str]:
+    """``"query_point=[1,2,3]; uncertainty_samples=16"`` (``;`` or new lines between options)
+    -> ``{"query_point": "[1,2,3]", "uncertainty_samples": "16"}``; the worker reads each value
+    as JSON when it parses and checks that the method has the option.
+
+    Raises:
+        ValueError: an item without ``=`` or without a name.
+    """
+    options: Dict[str, str] = {}
+    for item in (text or "").replace("\n", ";").split(";"):
+        item = item.strip()
+        if not item:
+            continue
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"method options are KEY=VALUE separated by ';', got {item!r}")
+        options[key.strip()] = value.strip()
+    return options
+
+
 def register_command(fixed: str, moving: str, out: str, method: str, python: Optional[str] = None,
                      device: str = "auto", refine: int = 0, init: str = "none",
                      options: Optional[Dict[str, Optional[str]]] = None,
-                     flags: Sequence[str] = ()) -> List[str]:
+                     flags: Sequence[str] = (),
+                     method_options: Optional[Dict[str, object]] = None) -> List[str]:
     """The worker's command line.
 
     Args:
@@ -82,6 +103,8 @@ def register_command(fixed: str, moving: str, out: str, method: str, python: Opt
             ``{"fixed-mask": path, "moving-landmarks": path, "initial-transform": path}``;
             ``None`` values are left out.
         flags: bare flags such as ``"no-qa"``.
+        method_options: the method's own options, each as ``--method-option KEY=VALUE``;
+            strings are passed as they are, other values as JSON (``[1.0, 2.0, 3.0]``).
     """
     if int(refine) < 0:
         raise ValueError(f"refine must be >= 0, got {refine}")
@@ -91,6 +114,9 @@ def register_command(fixed: str, moving: str, out: str, method: str, python: Opt
     for name, value in (options or {}).items():
         if value is not None and value != "":
             cmd += [f"--{name}", str(value)]
+    for key, value in (method_options or {}).items():
+        text = value if isinstance(value, str) else json.dumps(value)
+        cmd += ["--method-option", f"{key}={text}"]
     cmd += [f"--{f}" for f in flags]
     return cmd
 

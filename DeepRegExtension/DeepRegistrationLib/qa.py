@@ -12,7 +12,7 @@ from typing import Dict, List, Tuple
 
 import numpy as np
 
-from .scene import _LPS_RAS, _vtk_matrix, world_ijk_to_ras
+from .scene import _LPS_RAS, _vtk_matrix, exported_labelmap, world_ijk_to_ras
 
 
 def _numpy_support():
@@ -135,16 +135,8 @@ def _labels_on(node, reference_node) -> np.ndarray:
     """Label voxels of a label-map volume or segmentation on the reference's grid."""
     import slicer
     if node.IsA("vtkMRMLSegmentationNode"):
-        scene = node.GetScene()
-        lab = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "__deepreg_qa_labels__")
-        try:
-            logic = slicer.vtkSlicerSegmentationsModuleLogic()
-            logic.SetMRMLScene(scene)
-            if not logic.ExportVisibleSegmentsToLabelmapNode(node, lab, reference_node):
-                raise ValueError(f"cannot export segmentation '{node.GetName()}'")
+        with exported_labelmap(node, reference_node) as lab:
             return np.array(slicer.util.arrayFromVolume(lab))
-        finally:
-            scene.RemoveNode(lab)
     if not np.allclose(world_ijk_to_ras(node), world_ijk_to_ras(reference_node), atol=1e-4):
         raise ValueError(f"'{node.GetName()}' is not on the grid of '{reference_node.GetName()}'; "
                          "resample it first (or use segmentations, which are exported on that grid)")

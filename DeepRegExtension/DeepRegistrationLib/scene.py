@@ -3,24 +3,36 @@
 Inputs: a volume node becomes an image file in LPS (ITK's convention); a segmentation becomes a
 label map on the fixed volume's grid; a point list becomes a markups JSON file in LPS. A linear
 parent transform of an input is folded into the written geometry (the worker sees the volume
-where Slicer shows it); a non-linear one must be hardened first.
+where Slicer shows it); a non-linear one must be hardened first. The one exception: a transform
+this module placed the moving volume under (an earlier result shown without a warped volume) is
+left out, so a second run registers the original moving volume again.
 
 Outputs: ``manifest.json`` lists every output (name, kind, path, grid). They are read with
-Slicer's own storage nodes, so what Slicer shows is what Slicer would read from the files:
+Slicer's own storage nodes, so what Slicer shows is what Slicer would read from the files. Every
+kind an engine method writes has a node type (:data:`OUTPUT_KINDS`):
 
-* ``volume``/``labels`` -> scalar / label-map volume nodes (method outputs: overlays);
+* ``volume`` -> the warped volume, or a method map (attention, uncertainty, ROI mask, fusion
+  weight, similarity...) as a scalar volume marked :data:`OVERLAY_ATTRIBUTE`, shown as a
+  foreground overlay;
+* ``labels`` -> a label-map volume;
+* ``jacobian`` -> a volume shown with a diverging colour table centred on 1, window [0, 2], and
+  folding (det <= 0) in its own colour;
 * ``displacement_field`` -> a grid transform node whose FromParent maps fixed points to moving
   points (ITK's resampling transform; the moving volume placed under it appears registered);
 * ``linear_transform`` -> a linear transform node (same sense);
-* ``jacobian`` -> a volume shown with a diverging colour table centred on 1, window [0, 2], and
-  folding (det <= 0) in its own colour;
-* ``markups`` -> a point list.
+* ``markups`` -> a locked point list (R2N2's local deformations, SAME's matched points);
+* ``volume_sequence`` -> a sequence node with a sequence browser and its proxy volume, for
+  step-by-step play-back (R2N2);
+* ``qa_png`` -> not loaded (the command line's QA picture). A kind this version does not know is
+  reported in :attr:`LoadedResults.messages`, never dropped silently.
 
 Every output node gets provenance attributes (:data:`ATTRIBUTE_PREFIX` + ``Method``,
-``WeightsSHA256``, ``Device``, ``Parameters``, ``Time``, ``EngineVersion``) and references to
-the fixed and moving nodes (:data:`FIXED_REFERENCE_ROLE`, :data:`MOVING_REFERENCE_ROLE`).
+``WeightsSHA256``, ``Device``, ``Parameters``, ``Time``, ``DurationSeconds``, ``EngineVersion``,
+``Output``, ``Description``) and references to the fixed and moving nodes
+(:data:`FIXED_REFERENCE_ROLE`, :data:`MOVING_REFERENCE_ROLE`; swapped on the inverse).
 Input nodes are never modified, except that with no warped-volume output the moving volume is
-placed under the new transform (what SlicerElastix does, so the result shows at once).
+placed under the new transform (what SlicerElastix does, so the result shows at once); if it is
+already under a transform of someone else's, the warped volume is loaded instead.
 
 This module does no image arithmetic: geometry is converted, never resampled.
 """
@@ -28,6 +40,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional
@@ -69,8 +82,9 @@ def _vtk_matrix(a: np.ndarray):
 
 
 # -- inputs ----------------------------------------------------------------------------------------
-def world_ijk_to_ras(volume_node) -> np.ndarray:
-    """The node's IJK -> world RAS 4x4 (its IJKToRAS with a linear parent transform folded in).
+def world_ijk_to_ras(volume_node, ignore_parent: bool = False) -> np.ndarray:
+    """The node's IJK -> world RAS 4x4 (its IJKToRAS with a linear parent transform folded in;
+    with ``ignore_parent`` its own IJKToRAS).
 
     Raises:
         ValueError: the node is under a non-linear transform (harden it first).
@@ -78,7 +92,7 @@ def world_ijk_to_ras(volume_node) -> np.ndarray:
     m = _vtk().vtkMatrix4x4()
     volume_node.GetIJKToRASMatrix(m)
     ijk_to_ras = _matrix(m)
-    parent = volume_node.GetParentTransformNode()
+    parent = None if ignore_parent else volume_node.GetParentTransformNode()
     if parent is not None:
         if not parent.IsTransformToWorldLinear():
             raise ValueError(f"'{volume_node.GetName()}' is under the non-linear transform "
@@ -90,8 +104,9 @@ def world_ijk_to_ras(volume_node) -> np.ndarray:
     return ijk_to_ras
 
 
-def volume_to_sitk(volume_node):
-    """A scalar (or label-map) volume node as a SimpleITK image in LPS with the same voxels.
+def volume_to_sitk(volume_node, ignore_parent: bool = False):
+    """A scalar (or label-map) volume node as a SimpleITK image in LPS with the same voxels
+    (``ignore_parent``: without its parent transform, see :func:`world_ijk_to_ras`).
 
     Slicer's voxel array is indexed (k, j, i) like SimpleITK's; only the physical side changes
     from RAS to LPS, and spacing/direction are the column norms/directions of IJK -> LPS.
@@ -103,7 +118,7 @@ def volume_to_sitk(volume_node):
     if volume_node.GetImageData().GetNumberOfScalarComponents() != 1:
         raise ValueError(f"'{volume_node.GetName()}' has several components per voxel (colour or "
                          "vector); registration needs a scalar volume")
-    ijk_to_lps = _LPS_RAS @ world_ijk_to_ras(volume_node)
+    ijk_to_lps = _LPS_RAS @ world_ijk_to_ras(volume_node, ignore_parent)
     spacing = np.linalg.norm(ijk_to_lps[:3, :3], axis=0)
     direction = ijk_to_lps[:3, :3] / spacing
     img = sitk.GetImageFromArray(np.ascontiguousarray(slicer.util.arrayFromVolume(volume_node)))
@@ -113,34 +128,65 @@ def volume_to_sitk(volume_node):
     return img
 
 
-def write_volume(volume_node, path) -> str:
+def write_volume(volume_node, path, ignore_parent: bool = False) -> str:
     """Write a volume node for the worker (``.nrrd``/``.nii.gz``/``.mha``) in LPS; returns the
     path. The node is not changed (no storage node is attached to it)."""
     from deepreglib import io as dio
-    dio.write_image(volume_to_sitk(volume_node), str(path))
+    dio.write_image(volume_to_sitk(volume_node, ignore_parent), str(path))
     return str(path)
+
+
+def placed_by_registration(volume_node) -> bool:
+    """True when the volume's parent transform is a result of this module that it placed the
+    volume under (a transform output whose moving reference is this volume, itself not under
+    another transform): the volume's own geometry is then the original moving volume's."""
+    parent = volume_node.GetParentTransformNode()
+    return (parent is not None
+            and parent.GetAttribute(ATTRIBUTE_PREFIX + "Output") == "transform"
+            and parent.GetNodeReferenceID(MOVING_REFERENCE_ROLE) == volume_node.GetID()
+            and parent.GetParentTransformNode() is None)
+
+
+@contextmanager
+def exported_labelmap(segmentation_node, reference_volume_node):
+    """A temporary label-map node holding the segmentation's visible segments on the reference
+    volume's grid (label = segment index + 1); removed afterwards with everything the export
+    made for it (display node, colour table), so the scene is left as it was.
+
+    Raises:
+        ValueError: no segments, or nothing could be exported.
+    """
+    slicer = _slicer()
+    if segmentation_node.GetSegmentation().GetNumberOfSegments() == 0:
+        raise ValueError(f"segmentation '{segmentation_node.GetName()}' has no segments")
+    scene = segmentation_node.GetScene()
+    before = {scene.GetNthNode(i).GetID() for i in range(scene.GetNumberOfNodes())}
+    labelmap = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "__deepreg_temp_labels__")
+    logic = slicer.vtkSlicerSegmentationsModuleLogic()
+    logic.SetMRMLScene(scene)
+    try:
+        ok = logic.ExportVisibleSegmentsToLabelmapNode(segmentation_node, labelmap, reference_volume_node)
+        image = labelmap.GetImageData()
+        # the export can report success and leave no voxels (e.g. no labelmap representation)
+        if not ok or image is None or image.GetPointData().GetScalars() is None:
+            raise ValueError(f"cannot export segmentation '{segmentation_node.GetName()}' as labels on "
+                             f"the grid of '{reference_volume_node.GetName()}'")
+        yield labelmap
+    finally:
+        logic.SetMRMLScene(None)
+        made = [scene.GetNthNode(i) for i in range(scene.GetNumberOfNodes())]
+        for node in made:
+            if node.GetID() not in before:
+                scene.RemoveNode(node)
 
 
 def write_segmentation_as_labels(segmentation_node, reference_volume_node, path) -> str:
     """Write a segmentation as a label map on the reference volume's grid (label = segment
-    index + 1). A label-map volume node is written as it is."""
-    slicer = _slicer()
+    index + 1, :func:`exported_labelmap`). A label-map volume node is written as it is."""
     if segmentation_node.IsA("vtkMRMLLabelMapVolumeNode") or segmentation_node.IsA("vtkMRMLScalarVolumeNode"):
         return write_volume(segmentation_node, path)
-    scene = segmentation_node.GetScene()
-    labelmap = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "__deepreg_temp_labels__")
-    try:
-        logic = slicer.vtkSlicerSegmentationsModuleLogic()
-        logic.SetMRMLScene(scene)
-        ok = logic.ExportVisibleSegmentsToLabelmapNode(segmentation_node, labelmap, reference_volume_node)
-        if not ok:
-            raise ValueError(f"cannot export segmentation '{segmentation_node.GetName()}' as labels")
+    with exported_labelmap(segmentation_node, reference_volume_node) as labelmap:
         return write_volume(labelmap, path)
-    finally:
-        display = labelmap.GetDisplayNode()
-        if display is not None:
-            scene.RemoveNode(display)
-        scene.RemoveNode(labelmap)
 
 
 def write_points(markups_node, path) -> str:
@@ -162,6 +208,19 @@ def write_points(markups_node, path) -> str:
     return str(path)
 
 
+def query_point_lps(markups_node) -> List[float]:
+    """The first placed point of a point list (world RAS) as LPS ``[x, y, z]`` mm: the
+    ``query_point`` method option of the methods that draw a query point's attention or
+    similarity map."""
+    from deepreglib.geometry import ras_to_lps
+    for i in range(markups_node.GetNumberOfControlPoints()):
+        if markups_node.GetNthControlPointPositionStatus(i) == markups_node.PositionDefined:
+            p = [0.0, 0.0, 0.0]
+            markups_node.GetNthControlPointPositionWorld(i, p)
+            return [float(v) for v in ras_to_lps(np.asarray([p]))[0]]
+    raise ValueError(f"point list '{markups_node.GetName()}' has no placed point to use as the query point")
+
+
 def write_linear_transform_node(transform_node, path) -> str:
     """Write a linear transform node's FromParent (world) as an ITK file in LPS (the worker's
     ``--initial-transform``, fixed -> moving)."""
@@ -179,6 +238,7 @@ class WorkerInputs:
     """Files written for one run, as worker CLI options (``{"fixed": path, ...}``)."""
 
     files: Dict[str, str] = field(default_factory=dict)
+    messages: List[str] = field(default_factory=list)
 
     def options(self) -> Dict[str, str]:
         """The optional inputs as ``register_command(options=...)`` (CLI names)."""
@@ -189,12 +249,21 @@ def write_worker_inputs(folder, fixed, moving, fixed_mask=None, moving_mask=None
                         fixed_labels=None, moving_labels=None, fixed_landmarks=None,
                         moving_landmarks=None, initial_transform=None) -> WorkerInputs:
     """Write every given input node into ``folder`` (created) for the worker. Masks and
-    segmentations are written on their own volume's grid (fixed or moving)."""
+    segmentations are written on their own volume's grid (fixed or moving). A moving volume this
+    module placed under an earlier result (:func:`placed_by_registration`) is written without
+    that transform, so the original moving volume is registered again."""
+    if fixed is None or moving is None:
+        raise ValueError("choose a fixed and a moving volume")
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     out = WorkerInputs()
     out.files["fixed"] = write_volume(fixed, folder / "fixed.nrrd")
-    out.files["moving"] = write_volume(moving, folder / "moving.nrrd")
+    earlier = placed_by_registration(moving)
+    out.files["moving"] = write_volume(moving, folder / "moving.nrrd", ignore_parent=earlier)
+    if earlier:
+        out.messages.append(f"'{moving.GetName()}' is shown under the earlier result "
+                            f"'{moving.GetParentTransformNode().GetName()}'; the original moving "
+                            "volume is registered")
     for key, node, ref in (("fixed_mask", fixed_mask, fixed), ("moving_mask", moving_mask, moving),
                            ("fixed_labels", fixed_labels, fixed),
                            ("moving_labels", moving_labels, moving)):
@@ -228,6 +297,7 @@ def provenance_attributes(manifest: dict) -> Dict[str, str]:
     return {
         ATTRIBUTE_PREFIX + "Method": str(manifest.get("method", "")),
         ATTRIBUTE_PREFIX + "WeightsSHA256": str(weights.get("sha256") or "none (no trained weights)"),
+        ATTRIBUTE_PREFIX + "WeightsFile": Path(str(weights.get("path") or "")).name,
         ATTRIBUTE_PREFIX + "Device": str(manifest.get("device", "")),
         ATTRIBUTE_PREFIX + "Parameters": json.dumps(params, sort_keys=True),
         ATTRIBUTE_PREFIX + "Time": str(manifest.get("created", "")),
@@ -236,11 +306,15 @@ def provenance_attributes(manifest: dict) -> Dict[str, str]:
     }
 
 
-def tag_output(node, manifest: dict, fixed_node, moving_node, output_name: str) -> None:
-    """Provenance attributes plus references to the fixed and moving nodes."""
+def tag_output(node, manifest: dict, fixed_node, moving_node, output_name: str,
+               description: str = "") -> None:
+    """Provenance attributes, the output's name and description (what the map means, from the
+    manifest) plus references to the fixed and moving nodes."""
     for key, value in provenance_attributes(manifest).items():
         node.SetAttribute(key, value)
     node.SetAttribute(ATTRIBUTE_PREFIX + "Output", output_name)
+    if description:
+        node.SetAttribute(ATTRIBUTE_PREFIX + "Description", str(description))
     if fixed_node is not None:
         node.SetNodeReferenceID(FIXED_REFERENCE_ROLE, fixed_node.GetID())
     if moving_node is not None:
@@ -327,6 +401,9 @@ class OutputChoices:
 
     ``None`` node: make a new node named after the inputs and method (a second run never
     overwrites the first); a given node is overwritten. ``create_*`` False: skip that output.
+    ``create_method_outputs`` covers everything that is not a common output
+    (:data:`COMMON_OUTPUTS`): attention maps, masks, point lists, play-back sequences, a
+    method's extra transforms.
     """
 
     warped_volume: object = None
@@ -341,10 +418,55 @@ class OutputChoices:
 
 @dataclass
 class LoadedResults:
+    """What :func:`load_results` made.
+
+    Attributes:
+        nodes: output name (as in the manifest) -> node; a play-back sequence is the sequence
+            node, its browser is in :attr:`browsers`.
+        metrics: the run's metrics (``folding_percent``, ``sdlogj``, ``ncc_after``...).
+        overlays: method volumes meant as foreground overlays, in manifest order (play-back
+            proxies last).
+        point_lists: the method's point lists (markups nodes).
+        browsers: output name -> sequence browser node of a play-back sequence.
+        messages: notes for the user (the worker's, and what was not shown and why).
+        moving_placed_under: the transform the moving volume was placed under, or ``None``.
+    """
+
     nodes: Dict[str, object] = field(default_factory=dict)
     metrics: Dict[str, object] = field(default_factory=dict)
     overlays: List[object] = field(default_factory=list)
+    point_lists: List[object] = field(default_factory=list)
+    browsers: Dict[str, object] = field(default_factory=dict)
     messages: List[str] = field(default_factory=list)
+    moving_placed_under: object = None
+
+
+#: Outputs every run may write (pipeline); all other names are the method's own.
+COMMON_OUTPUTS = frozenset({"warped", "transform", "inverse_transform", "jacobian", "warped_labels",
+                            "initial_transform", "qa"})
+
+#: Every manifest output kind and what it becomes in the scene.
+OUTPUT_KINDS = {
+    "volume": "scalar volume: the warped volume, or a method map shown as a foreground overlay",
+    "labels": "label-map volume",
+    "jacobian": "scalar volume with the Jacobian colour table (folding stands out)",
+    "displacement_field": "grid transform (FromParent: fixed -> moving)",
+    "linear_transform": "linear transform (FromParent: fixed -> moving)",
+    "markups": "locked point list",
+    "volume_sequence": "sequence node + sequence browser + proxy volume (step-by-step play-back)",
+    "qa_png": "not loaded (the command line's QA picture)",
+}
+
+#: Marks a method volume meant as a foreground overlay (the module's overlay list shows these).
+OVERLAY_ATTRIBUTE = ATTRIBUTE_PREFIX + "Overlay"
+#: Colour table of method overlays (a Slicer built-in: present in every application scene).
+OVERLAY_COLOR_NODE_ID = "vtkMRMLColorTableNodeRainbow"
+#: Play-back speed of step-by-step sequences (frames per second): slow enough to see each step.
+PLAYBACK_FPS = 2.0
+#: Point-list colours: points in the fixed image, points in the moving image, other points.
+FIXED_POINTS_RGB = (0.2, 0.6, 1.0)
+MOVING_POINTS_RGB = (1.0, 0.55, 0.0)
+METHOD_POINTS_RGB = (0.9, 0.2, 0.9)
 
 
 def output_base_name(fixed_node, moving_node, method: str) -> str:
@@ -356,15 +478,107 @@ _TITLES = {"warped": "warped", "transform": "transform", "inverse_transform": "i
            "initial_transform": "initial transform"}
 
 
+def check_output_nodes(fixed_node, moving_node, warped_volume=None, transform=None,
+                       other_inputs=()) -> None:
+    """Refuse output nodes that are inputs (the inputs are never overwritten).
+
+    Raises:
+        ValueError: saying which output node is an input and what to choose instead.
+    """
+    inputs = [n for n in (fixed_node, moving_node) + tuple(other_inputs) if n is not None]
+    if warped_volume is not None and any(warped_volume is n for n in inputs):
+        raise ValueError(f"the output volume '{warped_volume.GetName()}' is one of the inputs; "
+                         "choose 'Create new volume' (inputs are never overwritten)")
+    if transform is not None:
+        if any(transform is n for n in inputs):
+            raise ValueError(f"the output transform '{transform.GetName()}' is one of the inputs; "
+                             "choose 'Create new transform'")
+        for node in (fixed_node, moving_node):
+            parent = node.GetParentTransformNode() if node is not None else None
+            if parent is transform and not (node is moving_node and placed_by_registration(node)):
+                raise ValueError(f"'{node.GetName()}' is under the output transform "
+                                 f"'{transform.GetName()}'; choose 'Create new transform'")
+
+
+def _display_overlay(volume_node) -> None:
+    display = _ensure_display(volume_node)
+    display.SetAndObserveColorNodeID(OVERLAY_COLOR_NODE_ID)
+    display.SetAutoWindowLevel(1)
+    volume_node.SetAttribute(OVERLAY_ATTRIBUTE, "true")
+
+
+def _sequences_logic(scene):
+    """The application's Sequences logic when it serves ``scene``, else a new one (``owned``)."""
+    slicer = _slicer()
+    module = getattr(getattr(slicer, "modules", None), "sequences", None)
+    logic = module.logic() if module is not None else None
+    if logic is not None and logic.GetMRMLScene() is scene:
+        return logic, False
+    logic = slicer.vtkSlicerSequencesLogic()
+    logic.SetMRMLScene(scene)
+    return logic, True
+
+
+def _load_volume_sequence(scene, path: str, name: str):
+    """A volume sequence file -> (sequence node, browser node, proxy volume node).
+
+    The browser starts at frame 0 (before any step) and plays at :data:`PLAYBACK_FPS`, looped;
+    the proxy (the volume the views show) is named ``name``."""
+    slicer = _slicer()
+    sequence = scene.AddNewNodeByClass("vtkMRMLSequenceNode", scene.GenerateUniqueName(name + " sequence"))
+    storage = slicer.vtkMRMLVolumeSequenceStorageNode()
+    scene.AddNode(storage)  # it creates the frame nodes through the scene
+    try:
+        _read_into(sequence, storage, path)
+    finally:
+        scene.RemoveNode(storage)
+    if sequence.GetNumberOfDataNodes() < 1:
+        raise ValueError(f"the sequence '{path}' has no frames")
+    browser = slicer.vtkMRMLSequenceBrowserNode()
+    browser.SetName(scene.GenerateUniqueName(name + " browser"))
+    scene.AddNode(browser)
+    if hasattr(browser, "SetAndObservePrimarySequenceNodeID"):
+        browser.SetAndObservePrimarySequenceNodeID(sequence.GetID())
+    else:  # Slicer < 5.6
+        browser.SetAndObserveMasterSequenceNodeID(sequence.GetID())
+    browser.SetPlaybackRateFps(PLAYBACK_FPS)
+    browser.SetPlaybackLooped(True)
+    browser.SetSelectedItemNumber(0)
+    logic, owned = _sequences_logic(scene)
+    try:
+        logic.UpdateProxyNodesFromSequences(browser)
+    finally:
+        if owned:
+            logic.SetMRMLScene(None)
+    proxy = browser.GetProxyNode(sequence)
+    if proxy is None:
+        raise ValueError(f"Slicer made no play-back volume for '{path}'")
+    proxy.SetName(scene.GenerateUniqueName(name))
+    _ensure_display(proxy)
+    return sequence, browser, proxy
+
+
+def _point_list_colour(name: str):
+    if name.endswith("_fixed_points"):
+        return FIXED_POINTS_RGB
+    if name.endswith("_moving_points"):
+        return MOVING_POINTS_RGB
+    return METHOD_POINTS_RGB
+
+
 def load_results(manifest_path, fixed_node, moving_node, choices: Optional[OutputChoices] = None) -> LoadedResults:
     """Turn a finished run's outputs into nodes in the fixed node's scene (see module doc).
 
     Returns the nodes by output name (``warped``, ``transform``, ``inverse_transform``,
-    ``jacobian``, ``warped_labels`` and the method's own), the run's metrics, and the method
-    volumes meant as overlays.
+    ``jacobian``, ``warped_labels`` and the method's own), the run's metrics, the method volumes
+    meant as overlays, the point lists and play-back browsers, and messages.
+
+    Raises:
+        ValueError: a chosen output node is an input (:func:`check_output_nodes`), or a file
+            could not be read; then no node of this run is left in the scene.
     """
-    slicer = _slicer()
     choices = choices or OutputChoices()
+    check_output_nodes(fixed_node, moving_node, choices.warped_volume, choices.transform)
     manifest = read_manifest(manifest_path)
     folder = Path(manifest["_folder"])
     scene = fixed_node.GetScene()
@@ -374,28 +588,76 @@ def load_results(manifest_path, fixed_node, moving_node, choices: Optional[Outpu
     scratch = folder / "_slicer"
     scratch.mkdir(exist_ok=True)
 
+    # The moving volume can be shown under the new transform only if it is not under a
+    # transform of someone else's (replacing that would move it elsewhere): load the warped
+    # volume instead, which the worker always writes.
+    want_warped = choices.warped_volume is not None or choices.create_warped
+    apply_to_moving = not want_warped and choices.apply_to_moving_without_warped
+    foreign_parent = (moving_node.GetParentTransformNode() is not None
+                      and not placed_by_registration(moving_node))
+    if apply_to_moving and foreign_parent:
+        want_warped, apply_to_moving = True, False
+        results.messages.append(
+            f"'{moving_node.GetName()}' is under the transform "
+            f"'{moving_node.GetParentTransformNode().GetName()}', so it was left there and the "
+            "warped volume was added instead")
+
     def new_node(cls: str, title: str):
         return scene.AddNewNodeByClass(cls, scene.GenerateUniqueName(f"{base} {title}"))
 
+    before = {scene.GetNthNode(i).GetID() for i in range(scene.GetNumberOfNodes())}
+    try:
+        _load_outputs(manifest, folder, scratch, scene, fixed_node, moving_node, choices, want_warped,
+                      results, base, new_node)
+    except Exception:
+        # a half-loaded result is worse than none: remove what this call added (never a node
+        # that was there before, such as a chosen output node), then say what went wrong
+        for node in [scene.GetNthNode(i) for i in range(scene.GetNumberOfNodes())]:
+            if node.GetID() not in before:
+                scene.RemoveNode(node)
+        raise
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+    # play-back proxies after the maps: the first overlay shown is a map when there is one
+    results.overlays.sort(key=lambda n: n.GetAttribute(ATTRIBUTE_PREFIX + "Output") in results.browsers)
+    transform = results.nodes.get("transform")
+    if transform is not None and "warped" not in results.nodes and apply_to_moving:
+        # SlicerElastix's behaviour: no warped volume asked for, so show the result at once
+        moving_node.SetAndObserveTransformNodeID(transform.GetID())
+        results.moving_placed_under = transform
+    return results
+
+
+def _load_outputs(manifest, folder, scratch, scene, fixed_node, moving_node, choices, want_warped,
+                  results, base, new_node) -> None:
+    """The body of :func:`load_results`: one node (or sequence) per manifest output."""
+    slicer = _slicer()
     for out in manifest["outputs"]:
-        name, kind = out["name"], out["kind"]
+        name, kind = str(out["name"]), str(out["kind"])
         path = str(folder / out["path"])
+        description = str(out.get("description") or "")
         title = _TITLES.get(name, name.replace("_", " "))
-        node = None
+        method_output = name not in COMMON_OUTPUTS
+        if kind not in OUTPUT_KINDS:
+            results.messages.append(f"output '{name}' is of kind '{kind}', which this version of the "
+                                    "module does not show (keep the temporary files to see it)")
+            continue
+        if kind == "qa_png" or name == "initial_transform":
+            continue  # the QA picture; the initial alignment (already in the transform)
+        if method_output and not choices.create_method_outputs:
+            continue
+        fixed_ref, moving_ref = fixed_node, moving_node
         if kind == "volume" and name == "warped":
-            if not choices.create_warped and choices.warped_volume is None:
+            if not want_warped:
                 continue
             node = choices.warped_volume or new_node("vtkMRMLScalarVolumeNode", title)
             _read_into(node, slicer.vtkMRMLVolumeArchetypeStorageNode(), path)
             _ensure_display(node)
         elif kind == "volume":
-            if not choices.create_method_outputs:
-                continue
             node = new_node("vtkMRMLScalarVolumeNode", title)
             _read_into(node, slicer.vtkMRMLVolumeArchetypeStorageNode(), path)
-            display = _ensure_display(node)
-            display.SetAndObserveColorNodeID(
-                slicer.vtkMRMLColorLogic.GetColorTableNodeID(slicer.vtkMRMLColorTableNode.Rainbow))
+            _display_overlay(node)
             results.overlays.append(node)
         elif kind == "labels":
             node = new_node("vtkMRMLLabelMapVolumeNode", title)
@@ -408,8 +670,7 @@ def load_results(manifest_path, fixed_node, moving_node, choices: Optional[Outpu
             _read_into(node, slicer.vtkMRMLVolumeArchetypeStorageNode(), path)
             show_as_jacobian(node)
         elif kind in ("displacement_field", "linear_transform"):
-            inverse = name == "inverse_transform"
-            if name == "initial_transform" or (inverse and not choices.create_inverse):
+            if name == "inverse_transform" and not choices.create_inverse:
                 continue
             if name == "transform" and not choices.create_transform and choices.transform is None:
                 continue
@@ -419,22 +680,44 @@ def load_results(manifest_path, fixed_node, moving_node, choices: Optional[Outpu
             if kind == "displacement_field":
                 path = _field_file_for_slicer(path, scratch)
             _read_into(node, slicer.vtkMRMLTransformStorageNode(), path)
-            if inverse:  # moving -> fixed: its fixed/moving roles are swapped
-                tag_output(node, manifest, moving_node, fixed_node, name)
-                results.nodes[name] = node
-                continue
+            if name == "inverse_transform":  # moving -> fixed: its fixed/moving roles are swapped
+                fixed_ref, moving_ref = moving_node, fixed_node
         elif kind == "markups":
             node = new_node("vtkMRMLMarkupsFiducialNode", title)
             _read_into(node, slicer.vtkMRMLMarkupsJsonStorageNode(), path)
-        else:
-            continue  # qa picture, or a kind this version does not show
-        tag_output(node, manifest, fixed_node, moving_node, name)
+            node.SetName(scene.GenerateUniqueName(f"{base} {title}"))  # the file names it too
+            node.SetLocked(True)  # a result, not something to edit by accident
+            node.CreateDefaultDisplayNodes()
+            node.GetDisplayNode().SetSelectedColor(*_point_list_colour(name))
+            results.point_lists.append(node)
+        else:  # volume_sequence
+            node, browser, proxy = _load_volume_sequence(scene, path, f"{base} {title}")
+            for extra in (browser, proxy):
+                tag_output(extra, manifest, fixed_node, moving_node, name, description)
+            results.browsers[name] = browser
+            results.overlays.append(proxy)
+            proxy.SetAttribute(OVERLAY_ATTRIBUTE, "true")
+        tag_output(node, manifest, fixed_ref, moving_ref, name, description)
         results.nodes[name] = node
 
-    transform = results.nodes.get("transform")
-    if (transform is not None and "warped" not in results.nodes
-            and choices.apply_to_moving_without_warped):
-        # SlicerElastix's behaviour: no warped volume asked for, so show the result at once
-        moving_node.SetAndObserveTransformNodeID(transform.GetID())
-    shutil.rmtree(scratch, ignore_errors=True)
-    return results
+
+def metrics_summary(metrics: Dict[str, object]) -> str:
+    """One line for the module: folding %, SDlogJ, and NCC, TRE and Dice before -> after, as
+    the run's manifest gives them (``"(no metrics)"`` when there are none)."""
+    def number(key):
+        v = metrics.get(key)
+        return float(v) if isinstance(v, (int, float)) and v == v else None
+
+    parts = []
+    if number("folding_percent") is not None:
+        parts.append(f"folding {number('folding_percent'):.3f}% (det <= 0)")
+    if number("sdlogj") is not None:
+        parts.append(f"SDlogJ {number('sdlogj'):.3f}")
+    pairs = (("NCC", "ncc_before", "ncc_after", "{:.3f}"),
+             ("TRE", "tre_before_mm", "tre_after_mm", "{:.2f} mm"),
+             ("Dice", "dice_mean_before", "dice_mean_after", "{:.3f}"))
+    for label, before, after, fmt in pairs:
+        b, a = number(before), number(after)
+        if b is not None and a is not None:
+            parts.append(f"{label} {fmt.format(b).split(' ')[0]} -> {fmt.format(a)}")
+    return "; ".join(parts) or "(no metrics)"

@@ -1,7 +1,10 @@
 """Stand-ins for Slicer's module base classes outside the application (plain Python with
-``slicer-core``), so the modules' Logic classes import and can be tested there. Distinct classes,
-so the method resolution order of the modules' classes stays valid."""
+``slicer-core``), so the modules' Logic classes import and can be tested there, and their
+self-tests run under unittest/pytest. Distinct classes, so the method resolution order of the
+modules' classes stays valid."""
+import logging
 import os
+import unittest
 
 
 class _Standin:
@@ -21,8 +24,11 @@ class ScriptedLoadableModuleLogic(_Standin):
     pass
 
 
-class ScriptedLoadableModuleTest(_Standin):
-    pass
+class ScriptedLoadableModuleTest(unittest.TestCase):
+    """Like Slicer's: a ``unittest.TestCase`` whose ``delayDisplay`` shows a message (here: logs)."""
+
+    def delayDisplay(self, message, msec=None):
+        logging.info(message)
 
 
 class VTKObservationMixin(_Standin):

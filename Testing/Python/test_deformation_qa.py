@@ -135,3 +135,88 @@ def test_report_table(scene):
     table = scene.AddNewNodeByClass("vtkMRMLTableNode", "report")
     qa.fill_table(table, rows)
     assert table.GetNumberOfRows() == 3 and table.GetCellText(1, 0) == "tre.before.mean"
+
+
+# -- the module's Logic (DeformationQA.DeformationQALogic) ----------------------------------------
+def _logic():
+    import DeformationQA
+    return DeformationQA.DeformationQALogic()
+
+
+def _tag(node, fixed, moving, output, created="2026-01-01T00:00:00+00:00", method="iterative"):
+    from DeepRegistrationLib import scene as dscene
+    dscene.tag_output(node, {"method": method, "created": created, "device": "cpu"}, fixed, moving, output)
+    return node
+
+
+def test_related_nodes_of_a_registration_result(scene):
+    fixed, moving = _volume(scene, "Fixed"), _volume(scene, "Moving")
+    t = np.eye(4)
+    t[:3, 3] = (1.0, 2.0, 0.0)
+    forward = _tag(_linear(scene, t, "fwd"), fixed, moving, "transform")
+    inverse = _tag(_linear(scene, np.linalg.inv(t), "inv"), moving, fixed, "inverse_transform")
+    warped = _tag(_volume(scene, "warped"), fixed, moving, "warped")
+    # the same outputs of another run (other time) must not be picked
+    _tag(_linear(scene, np.eye(4), "other inv"), moving, fixed, "inverse_transform", created="2026-02-02T00:00:00+00:00")
+    _tag(_volume(scene, "other warped"), fixed, moving, "warped", created="2026-02-02T00:00:00+00:00")
+    related = _logic().relatedNodes(forward)
+    assert related["referenceVolume"] is fixed and related["fixedVolume"] is fixed
+    assert related["warpedVolume"].GetID() == warped.GetID()
+    assert related["inverseTransform"].GetID() == inverse.GetID()
+    # a transform made elsewhere (SlicerElastix, by hand): nothing guessed
+    assert set(_logic().relatedNodes(_linear(scene, t, "elastix")).values()) == {None}
+
+
+def test_logic_report_with_an_explicit_inverse_and_the_method(scene):
+    ref = _volume(scene)
+    t = np.diag([1.1, 0.9, 1.0, 1.0])
+    t[:3, 3] = (1.0, 0.0, -2.0)
+    forward = _tag(_linear(scene, t, "fwd"), ref, ref, "transform", method="dnet")
+    exact = _linear(scene, np.linalg.inv(t), "exact inverse")
+    wrong = _linear(scene, np.eye(4), "not an inverse")
+    table = scene.AddNewNodeByClass("vtkMRMLTableNode", "report")
+    logic = _logic()
+    stats = logic.report(forward, ref, table, inverseTransform=exact)
+    assert stats["method"] == "dnet"
+    assert stats["inverse_consistency_mm"]["max"] < 1e-6
+    assert stats["jacobian_min"] == pytest.approx(0.99, abs=1e-6)  # det = 1.1 * 0.9 * 1.0
+    rows = {table.GetCellText(r, 0): table.GetCellText(r, 1) for r in range(table.GetNumberOfRows())}
+    assert rows["method"] == "dnet" and rows["folding_percent"] == "0"
+    assert logic.report(forward, ref, table, inverseTransform=wrong)["inverse_consistency_mm"]["mean"] > 0.5
+
+
+def test_logic_jacobian_and_magnitude_volumes(scene):
+    from DeepRegistrationLib import scene as dscene
+    ref = _volume(scene)
+    t = _linear(scene, np.diag([1.1, 1.1, 1.1, 1.0]))
+    logic = _logic()
+    jac, stats = logic.jacobianVolume(t, ref)
+    assert jac.GetDisplayNode().GetColorNodeID() == dscene.jacobian_color_node(scene).GetID()
+    assert (jac.GetDisplayNode().GetWindowLevelMin(), jac.GetDisplayNode().GetWindowLevelMax()) == dscene.JACOBIAN_WINDOW
+    assert jac.GetNodeReferenceID("DeepReg.transform") == t.GetID()
+    np.testing.assert_allclose(slicer.util.arrayFromVolume(jac), 1.331, atol=1e-4)
+    mag, mstats = logic.magnitudeVolume(t, ref)
+    assert float(slicer.util.arrayFromVolume(mag).max()) == pytest.approx(mstats["max_displacement_mm"], rel=1e-5)
+    assert "jacobian" not in stats and "magnitude_mm" not in mstats  # numbers only, the maps are nodes
+
+
+def test_label_overlap_of_segmentations_leaves_the_scene_as_it_was(scene):
+    a = np.zeros(SHAPE, np.int16)
+    b = np.zeros(SHAPE, np.int16)
+    a[2:6, 2:6, 2:6] = 1
+    b[2:6, 2:6, 4:8] = 1
+    segs = []
+    logic = slicer.vtkSlicerSegmentationsModuleLogic()
+    logic.SetMRMLScene(scene)
+    for name, arr in (("fixed seg", a), ("warped seg", b)):
+        lab = _volume(scene, name + " source", "vtkMRMLLabelMapVolumeNode", arr)
+        seg = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", name)
+        assert logic.ImportLabelmapToSegmentationNode(lab, seg)
+        segs.append(seg)
+    logic.SetMRMLScene(None)
+    ref = _volume(scene)
+    n_nodes = scene.GetNumberOfNodes()
+    res = qa.label_overlap(segs[0], segs[1], ref)
+    assert res["dice"][1] == pytest.approx(0.5)
+    assert res["hd95_mm"][1] == pytest.approx(3.0)
+    assert scene.GetNumberOfNodes() == n_nodes

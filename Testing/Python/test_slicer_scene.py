@@ -4,6 +4,7 @@ One real worker run (``python -m deepreglib register --method iterative``, weigh
 oblique synthetic pair made as MRML volume nodes; its outputs are loaded back into the scene and
 checked against what the engine wrote.
 """
+import shutil
 import sys
 from pathlib import Path
 
@@ -306,3 +307,194 @@ def test_without_warped_volume_the_moving_volume_is_placed_under_the_transform(r
         np.testing.assert_array_equal(slicer.util.arrayFromVolume(moving), run["before"]["moving"][1])
     finally:
         moving.SetAndObserveTransformNodeID(None)
+
+
+def _manifest_path(run):
+    return str(Path(run["manifest"]["_folder"]) / "manifest.json")
+
+
+def test_second_run_after_placing_the_moving_volume_registers_the_original(run, tmp_path):
+    """Run 1 without a warped volume puts the moving volume under its transform; the inputs of
+    run 2 are then the original moving volume (not the one shown registered), and run 2's
+    result replaces run 1's as its parent; run 1's transform stays in the scene."""
+    fixed, moving = run["fixed"], run["moving"]
+    only_transform = dscene.OutputChoices(create_warped=False, create_inverse=False, create_jacobian=False)
+    try:
+        first = dscene.load_results(_manifest_path(run), fixed, moving, only_transform)
+        assert first.moving_placed_under is first.nodes["transform"]
+        assert dscene.placed_by_registration(moving)
+        inputs = dscene.write_worker_inputs(tmp_path / "again", fixed, moving)
+        again = sitk.ReadImage(inputs.files["moving"])
+        original = sitk.ReadImage(run["inputs"].files["moving"])
+        np.testing.assert_allclose(again.GetOrigin(), original.GetOrigin(), atol=1e-6)
+        np.testing.assert_allclose(again.GetDirection(), original.GetDirection(), atol=1e-9)
+        assert inputs.messages and "original moving volume" in inputs.messages[0]
+        second = dscene.load_results(_manifest_path(run), fixed, moving, only_transform)
+        assert moving.GetParentTransformNode() is second.nodes["transform"]
+        assert run["scene"].IsNodePresent(first.nodes["transform"])
+        np.testing.assert_array_equal(slicer.util.arrayFromVolume(moving), run["before"]["moving"][1])
+    finally:
+        moving.SetAndObserveTransformNodeID(None)
+
+
+def test_moving_volume_under_someone_elses_transform_is_left_there(run):
+    fixed, moving, scene = run["fixed"], run["moving"], run["scene"]
+    theirs = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode", "user's transform")
+    moving.SetAndObserveTransformNodeID(theirs.GetID())
+    try:
+        res = dscene.load_results(_manifest_path(run), fixed, moving,
+                                  dscene.OutputChoices(create_warped=False, create_inverse=False,
+                                                       create_jacobian=False))
+        assert moving.GetParentTransformNode() is theirs
+        assert res.moving_placed_under is None
+        assert "warped" in res.nodes  # shown instead, so the result is still visible at once
+        assert any("user's transform" in m for m in res.messages)
+        assert not dscene.placed_by_registration(moving)
+    finally:
+        moving.SetAndObserveTransformNodeID(None)
+        scene.RemoveNode(theirs)
+
+
+def test_an_input_is_never_an_output_node(run):
+    fixed, moving, scene = run["fixed"], run["moving"], run["scene"]
+    for node in (fixed, moving):
+        with pytest.raises(ValueError, match="inputs are never overwritten"):
+            dscene.load_results(_manifest_path(run), fixed, moving, dscene.OutputChoices(warped_volume=node))
+    initial = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode", "initial")
+    try:
+        with pytest.raises(ValueError, match="one of the inputs"):
+            dscene.check_output_nodes(fixed, moving, transform=initial, other_inputs=(initial,))
+        fixed.SetAndObserveTransformNodeID(initial.GetID())
+        with pytest.raises(ValueError, match="is under the output transform"):
+            dscene.check_output_nodes(fixed, moving, transform=initial)
+    finally:
+        fixed.SetAndObserveTransformNodeID(None)
+        scene.RemoveNode(initial)
+    np.testing.assert_array_equal(slicer.util.arrayFromVolume(moving), run["before"]["moving"][1])
+
+
+def _labelmap_on(scene, like, arr, name):
+    node = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", name)
+    node.SetIJKToRASMatrix(_vtk4(_matrix(like)))
+    slicer.util.updateVolumeFromArray(node, arr)
+    return node
+
+
+def _vtk4(a):
+    m = vtk.vtkMatrix4x4()
+    for r in range(4):
+        for c in range(4):
+            m.SetElement(r, c, float(a[r, c]))
+    return m
+
+
+def test_segmentation_written_as_labels_on_its_volumes_grid(run, tmp_path):
+    scene, moving = run["scene"], run["moving"]
+    labels = np.zeros(SHAPE, np.int16)
+    labels[3:8, 4:10, 5:12] = 1
+    labels[9:11, 2:5, 2:6] = 2
+    source = _labelmap_on(scene, moving, labels, "source labels")
+    seg = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "Segmentation")
+    logic = slicer.vtkSlicerSegmentationsModuleLogic()
+    logic.SetMRMLScene(scene)
+    assert logic.ImportLabelmapToSegmentationNode(source, seg)
+    n_nodes = scene.GetNumberOfNodes()
+    try:
+        inputs = dscene.write_worker_inputs(tmp_path / "in", run["fixed"], moving, moving_mask=seg,
+                                            moving_labels=source)
+        written = sitk.ReadImage(inputs.files["moving_mask"])
+        np.testing.assert_array_equal(sitk.GetArrayFromImage(written), labels)  # label = segment index + 1
+        reference = sitk.ReadImage(run["inputs"].files["moving"])
+        np.testing.assert_allclose(written.GetOrigin(), reference.GetOrigin(), atol=1e-6)
+        np.testing.assert_allclose(written.GetDirection(), reference.GetDirection(), atol=1e-9)
+        np.testing.assert_array_equal(sitk.GetArrayFromImage(sitk.ReadImage(inputs.files["moving_labels"])), labels)
+        assert inputs.options()["moving-mask"] == inputs.files["moving_mask"]
+        assert scene.GetNumberOfNodes() == n_nodes  # the temporary label map is gone
+        empty = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "empty")
+        with pytest.raises(ValueError, match="no segments"):
+            dscene.write_segmentation_as_labels(empty, moving, tmp_path / "e.nrrd")
+        scene.RemoveNode(empty)
+    finally:
+        logic.SetMRMLScene(None)
+        for node in (seg, source):
+            scene.RemoveNode(node)
+
+
+def test_initial_transform_written_as_the_fixed_to_moving_lps_matrix(run, tmp_path):
+    scene = run["scene"]
+    node = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode", "initial")
+    from_parent = np.eye(4)
+    from_parent[:3, :3] = _rotation(0.1, 0.2, -0.3)
+    from_parent[:3, 3] = (3.0, -4.0, 5.0)
+    node.SetMatrixTransformFromParent(_vtk4(from_parent))
+    try:
+        inputs = dscene.write_worker_inputs(tmp_path / "in", run["fixed"], run["moving"], initial_transform=node)
+        lps = dio.read_linear_transform(inputs.files["initial_transform"])
+        p_ras = np.array([10.0, -20.0, 30.0])
+        expected_ras = from_parent[:3, :3] @ p_ras + from_parent[:3, 3]  # fixed point -> moving point
+        got_lps = lps[:3, :3] @ geometry.ras_to_lps(p_ras[None])[0] + lps[:3, 3]
+        np.testing.assert_allclose(geometry.lps_to_ras(got_lps[None])[0], expected_ras, atol=1e-9)
+        assert inputs.options()["initial-transform"] == inputs.files["initial_transform"]
+        grid = scene.AddNewNodeByClass("vtkMRMLGridTransformNode", "not linear")
+        with pytest.raises(ValueError, match="must be linear"):
+            dscene.write_linear_transform_node(grid, tmp_path / "g.tfm")
+        scene.RemoveNode(grid)
+    finally:
+        scene.RemoveNode(node)
+
+
+def test_grid_transform_lives_on_the_fixed_grid(run):
+    """The displacement grid's points are the fixed volume's voxel centres (RAS): the transform
+    is defined exactly where the fixed image is, as FromParent (fixed -> moving)."""
+    node = run["results"].nodes["transform"]
+    grid_transform = node.GetTransformFromParent()
+    image = grid_transform.GetDisplacementGrid()
+    assert image.GetDimensions() == tuple(reversed(SHAPE))
+    direction = vtk_to_np3(grid_transform.GetGridDirectionMatrix())
+    grid_to_ras = np.eye(4)
+    grid_to_ras[:3, :3] = direction @ np.diag(image.GetSpacing())
+    grid_to_ras[:3, 3] = image.GetOrigin()
+    np.testing.assert_allclose(grid_to_ras, _matrix(run["fixed"]), atol=1e-5)
+    assert node.GetTransformToParent() is not None  # Slicer can invert it (shows the moving volume)
+
+
+def vtk_to_np3(m):
+    return np.array([[m.GetElement(r, c) for c in range(3)] for r in range(3)])
+
+
+def test_an_unreadable_output_leaves_no_half_loaded_result(run, tmp_path):
+    folder = tmp_path / "broken"
+    shutil.copytree(run["manifest"]["_folder"], folder)
+    (folder / "jacobian.nii.gz").write_bytes(b"not an image")
+    scene = run["scene"]
+    n_nodes = scene.GetNumberOfNodes()
+    chosen = run["results"].nodes["warped"]  # a chosen output node stays (it was there before)
+    with pytest.raises(ValueError, match="could not read"):
+        dscene.load_results(folder / "manifest.json", run["fixed"], run["moving"],
+                            dscene.OutputChoices(warped_volume=chosen))
+    assert scene.GetNumberOfNodes() == n_nodes and scene.IsNodePresent(chosen)
+    assert run["moving"].GetParentTransformNode() is None
+    assert not (folder / "_slicer").exists()
+
+
+def test_query_point_goes_to_the_worker_in_lps(run):
+    """The GUI's query point (a point list) becomes ``--method-option query_point=[x,y,z]`` in
+    LPS; a method without that option says so, in words."""
+    import DeepRegistration
+    scene = run["scene"]
+    points = scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", "query")
+    points.AddControlPoint(vtk.vtkVector3d(10.0, -20.0, 30.0), "q")
+    try:
+        assert dscene.query_point_lps(points) == [-10.0, 20.0, 30.0]
+        r = DeepRegistration.DeepRegistrationLogic().start(
+            run["fixed"], run["moving"], method="iterative", device="cpu", queryPoint=points,
+            methodOptions="seed=3", python=sys.executable)
+        assert "query_point=[-10.0, 20.0, 30.0]" in r.worker.args and "seed=3" in r.worker.args
+        assert r.worker.wait(120) == 2
+        assert r.finish() is None and r.outcome.status == "bad_input"
+        assert "options are" in r.outcome.message
+        points.RemoveAllControlPoints()
+        with pytest.raises(ValueError, match="no placed point"):
+            dscene.query_point_lps(points)
+    finally:
+        scene.RemoveNode(points)

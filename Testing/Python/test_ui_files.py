@@ -70,3 +70,34 @@ def test_module_imports_without_slicer_application(module):
     assert mod._IN_SLICER is False
     assert (ROOT / "Resources" / "Icons" / f"{module}.png").is_file()
     assert Path(mod.resource_path(f"UI/{module}.ui")).is_file()
+
+
+def test_method_selector_text_comes_from_the_registry():
+    """What the widget shows under the method list: the registry's description, kind and
+    expected time per device, for every method the registry has."""
+    sys.path.insert(0, str(ROOT / "DeepRegExtension"))
+    logic_cls = importlib.import_module("DeepRegistration").DeepRegistrationLogic
+    from deepreglib.registry import METHODS
+    assert [m.name for m in logic_cls.methods()] == list(METHODS)
+    for info in logic_cls.methods():
+        text = logic_cls.methodSummary(info)
+        assert text.startswith(info.description), info.name
+        assert f"Kind: {info.kind}." in text, info.name
+        if "cpu" in info.expected_seconds:
+            assert f"CPU ~{info.expected_seconds['cpu']:g} s" in text, info.name
+        if "cuda" in info.expected_seconds:
+            assert f"GPU (CUDA) ~{info.expected_seconds['cuda']:g} s" in text, info.name
+        assert logic_cls.methodInfo(info.name) is info
+    assert logic_cls.methodInfo("no-such-method") is None
+
+
+def test_device_list_starts_with_auto_and_cpu_and_names_every_gpu():
+    sys.path.insert(0, str(ROOT / "DeepRegExtension"))
+    torch = pytest.importorskip("torch")
+    devices = importlib.import_module("DeepRegistration").DeepRegistrationLogic.devices()
+    assert devices[:2] == [("Auto (GPU if available)", "auto"), ("CPU", "cpu")]
+    cuda = [v for _, v in devices if v.startswith("cuda")]
+    assert cuda == [f"cuda:{i}" for i in range(torch.cuda.device_count() if torch.cuda.is_available() else 0)]
+    for label, value in devices[2:]:
+        if value.startswith("cuda"):
+            assert "GB free" in label  # torch can tell the free memory of a CUDA device

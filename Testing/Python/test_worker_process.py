@@ -205,3 +205,32 @@ def test_register_command_arguments():
     from deepreglib.cli import build_parser
     args = build_parser().parse_args(cmd[3:])
     assert args.method == "voxelmorph" and args.refine == 5 and args.fixed_mask == "fm.nrrd" and args.no_qa
+
+
+def test_method_options_reach_the_worker_parser():
+    from DeepRegistrationLib.process import parse_method_options
+    opts = parse_method_options("uncertainty_samples=16;  steps=affine,coarse\nquery_point = [1.5, -2, 3]")
+    assert opts == {"uncertainty_samples": "16", "steps": "affine,coarse", "query_point": "[1.5, -2, 3]"}
+    assert parse_method_options("") == {} and parse_method_options(" ; ") == {}
+    for bad in ("no_equals_sign", "=3"):
+        with pytest.raises(ValueError, match="KEY=VALUE"):
+            parse_method_options(bad)
+    opts["seed"] = 7
+    opts["query_point"] = [1.5, -2.0, 3.0]  # a value that is not a string goes as JSON
+    cmd = register_command("f.nrrd", "m.nrrd", "out", "carnet", python="py", method_options=opts)
+    from deepreglib.cli import build_parser, parse_method_options as engine_parse
+    args = build_parser().parse_args(cmd[3:])
+    assert engine_parse(args.method_option) == {"uncertainty_samples": 16, "steps": "affine,coarse",
+                                                "query_point": [1.5, -2.0, 3.0], "seed": 7}
+
+
+def test_real_worker_reports_an_option_the_method_does_not_have(tmp_path):
+    fixed, moving = _pair(tmp_path, n=16)
+    cmd = register_command(fixed, moving, str(tmp_path / "out"), "iterative", python=sys.executable,
+                           device="cpu", method_options={"query_point": [0.0, 0.0, 0.0]})
+    w = WorkerProcess(cmd).start()
+    assert w.wait(timeout=120) == 2
+    out = w.outcome()
+    assert out.status == "bad_input"
+    assert "query_point" in out.message and "options are" in out.message
+    assert "Traceback" not in out.message
