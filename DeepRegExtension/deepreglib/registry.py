@@ -111,3 +111,83 @@ register_method(MethodInfo(
     supports_refine=False,
     reference="instance optimisation as in Learn2Reg baselines",
 ))
+
+register_method(MethodInfo(
+    name="carnet",
+    title="CAR-Net (co-attention, diffeomorphic)",
+    description="Co-attention between fixed and moving features guides a probabilistic U-Net that "
+                "predicts a stationary velocity field (mean used at inference), integrated into a "
+                "diffeomorphism. Shows where each image attended and how certain the field is.",
+    kind="deformable",
+    weights="carnet",
+    implementation="deepreglib.methods.carnet:CarNetMethod",
+    outputs=("displacement", "inverse_displacement", "velocity", "attention_fixed", "attention_moving",
+             "uncertainty_mm", "query_attention"),
+    expected_seconds={"cpu": 15.0, "cuda": 1.0},
+    input_note="Same-modality 3D pair, roughly (affinely) aligned: use --init affine otherwise. "
+               "Option query_point=x,y,z (LPS mm) adds the attention row of that fixed point.",
+    reference="Shi et al., CAR-Net: co-attention guided diffeomorphic registration (2022)",
+))
+
+register_method(MethodInfo(
+    name="amdf",
+    title="Attention-guided multi-scale fusion",
+    description="A segmentation net masks each image to its region of interest; a U-Net predicts "
+                "fields at 4 scales that are fused coarse to fine by learned attention weights.",
+    kind="deformable",
+    weights="amdf",
+    implementation="deepreglib.methods.amdf:AmdfMethod",
+    outputs=("displacement", "roi_fixed", "roi_moving", "fusion_weights", "per_scale_fields"),
+    expected_seconds={"cpu": 15.0, "cuda": 1.0},
+    input_note="Same-modality 3D pair, roughly aligned (use --init affine otherwise).",
+    reference="Attention-guided fusion of multi-scale deformation fields (DFSA)",
+))
+
+register_method(MethodInfo(
+    name="r2n2",
+    title="R2N2 (recurrent local deformations)",
+    description="A recurrent network adds one local Gaussian deformation at a time (centre, "
+                "oriented extent, weight), stopping when the similarity no longer improves; the "
+                "sequence can be played back step by step.",
+    kind="deformable",
+    weights="r2n2",
+    implementation="deepreglib.methods.r2n2:R2N2Method",
+    outputs=("displacement", "r2n2_deformations", "r2n2_steps"),
+    expected_seconds={"cpu": 20.0, "cuda": 1.5},
+    input_note="Same-modality 3D pair, roughly aligned; options max_steps, stop_threshold.",
+    reference="Sandkühler et al., Recurrent Registration Neural Networks for Deformable Image "
+              "Registration, NeurIPS 2019 (extended to 3D)",
+))
+
+register_method(MethodInfo(
+    name="dnet",
+    title="D-Net (rigid, any rotation)",
+    description="Siamese encoder-decoder with mutual non-local attention regresses a rigid pose "
+                "(6D rotation + translation) in one pass, over the full rotation range. Also "
+                "available as --init dnet in front of any deformable method.",
+    kind="rigid",
+    weights="dnet",
+    implementation="deepreglib.methods.dnet:DNetMethod",
+    outputs=("transform", "mutual_attention"),
+    expected_seconds={"cpu": 2.0, "cuda": 0.2},
+    input_note="Same subject, any pose (intra-subject rigid). Option query_point=x,y,z for the map.",
+    supports_refine=False,
+    reference="D-Net: Siamese encoder-decoder with mutual non-local links for rigid registration",
+))
+
+register_method(MethodInfo(
+    name="same",
+    title="SAME (anatomical embeddings)",
+    description="Self-supervised anatomical embeddings match points between the scans: "
+                "SAM-affine, then SAM-coarse, then SAM-VoxelMorph. Robust to large offsets; "
+                "each step can be run alone (option steps=affine,coarse,voxelmorph).",
+    kind="deformable",
+    weights="same",
+    implementation="deepreglib.methods.same:SAMEMethod",
+    outputs=("displacement", "same_affine", "same_coarse_displacement", "same_point_pairs",
+             "embedding_similarity"),
+    expected_seconds={"cpu": 20.0, "cuda": 1.5},
+    input_note="Unaligned or aligned pairs of the same body region; option fit=lstsq|ransac|irls for SAM-affine.",
+    reference="Liu et al., SAME: Deformable Image Registration based on Self-supervised Anatomical "
+              "Embeddings, MICCAI 2021",
+))

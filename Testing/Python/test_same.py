@@ -279,10 +279,13 @@ def test_same_method_all_steps_output_geometry_and_files(tmp_path):
     assert np.allclose(io.read_landmarks(files["affine_fixed_points"])[1], f_pts, atol=1e-6)
     u, g = io.read_displacement_field(files["coarse_displacement"])
     assert g.shape == fixed_grid.shape and np.allclose(g.spacing, fixed_grid.spacing)
+    # the affine alone, with the init in front, as an ITK linear transform (fixed -> moving)
+    assert np.allclose(io.read_linear_transform(files["affine"]), init @ res.matrix, atol=1e-6)
     entries = res.write_files(tmp_path / "hook")  # what the pipeline calls
     assert {e["name"] for e in entries} == {"same_affine_fixed_points", "same_affine_moving_points",
                                             "same_coarse_fixed_points", "same_coarse_moving_points",
-                                            "same_coarse_displacement"}
+                                            "same_coarse_displacement", "same_affine"}
+    assert {e["kind"] for e in entries if e["name"] == "same_affine"} == {"linear_transform"}
     assert all((tmp_path / "hook" / e["path"]).is_file() for e in entries)
     vxm_only = SAMEMethod(None, "cpu", weights=path, steps="voxelmorph").run(p.fixed, p.moving, grid, RunContext())
     assert vxm_only.matrix is None and vxm_only.velocity is not None

@@ -97,6 +97,10 @@ class SAMEResult(MethodResult):
         from ..pipeline import grid_dict
         entries = []
         for name, path in write_same_outputs(self, folder, self.grid, self.grid).items():
+            if name == "affine":
+                entries.append({"name": "same_affine", "kind": "linear_transform", "path": Path(path).name,
+                                "grid": None, "description": "SAM-affine matrix alone (fixed -> moving, LPS)"})
+                continue
             field_like = name == "coarse_displacement"
             entries.append({"name": f"same_{name}", "kind": "displacement_field" if field_like else "markups",
                             "path": Path(path).name, "grid": grid_dict(self.grid) if field_like else None,
@@ -222,6 +226,12 @@ def write_same_outputs(result: SAMEResult, folder, net_grid: Grid, fixed_grid: G
                                   name=f"SAME {step} {side} points",
                                   description=f"SAM-{step} matched points in the {side} image (LPS)")
             written[f"{step}_{side}_points"] = p
+    if result.matrix is not None:
+        # the SAM-affine step alone, fixed -> moving points (ITK's resampling direction), with the
+        # --init matrix in front, so Slicer can show it as a linear transform node
+        p = folder / "same_affine.tfm"
+        io.write_linear_transform(init @ np.asarray(result.matrix, dtype=np.float64), str(p))
+        written["affine"] = p
     if result.coarse_displacement is not None:
         matrix = init @ (result.matrix if result.matrix is not None else np.eye(4))
         u_mm = field_to_fixed_grid(result.coarse_displacement.detach().cpu(), net_grid, fixed_grid)
