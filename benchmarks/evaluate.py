@@ -34,8 +34,21 @@ from deepreglib.metrics import dice_per_label, hd95  # noqa: E402
 from deepreglib.pipeline import RegisterOptions, register  # noqa: E402
 
 #: name -> (method, refine steps)
-CONFIGS = {"identity": None, "voxelmorph": ("voxelmorph", 0), "voxelmorph+refine": ("voxelmorph", 50),
-           "iterative": ("iterative", 0)}
+def _configs():
+    """identity, then every deformable method of the registry (rigid ones are scored by
+    ``pose_range.py``), with ``+refine`` (50 steps) where the method supports it."""
+    from deepreglib.registry import METHODS
+    out = {"identity": None}
+    for name, info in METHODS.items():
+        if info.kind != "deformable":
+            continue
+        out[name] = (name, 0)
+        if info.supports_refine:
+            out[f"{name}+refine"] = (name, 50)
+    return out
+
+
+CONFIGS = _configs()
 
 
 def _array(path):

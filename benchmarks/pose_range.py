@@ -129,6 +129,7 @@ def engine_initializer(name: str, **options) -> Callable:
     def run(fixed, moving, device):
         from deepreglib.align import INITIALIZERS, initial_transform
         from deepreglib.io import image_to_tensor
+        from deepreglib.methods import learned_init  # noqa: F401  (registers dnet / same-affine)
         if name not in INITIALIZERS:
             raise LookupError(f"--init {name} is not available (are its weights shipped?)")
         f, gf = image_to_tensor(fixed)
