@@ -19,6 +19,11 @@ import numpy as np
 from make_report import RESULTS, ROOT, newest
 
 
+def _figure(r: dict, key: str) -> float:
+    """Scored from the written transform (results format 2), else the manifest's (format 1)."""
+    return r[key] if key in r else r["metrics"][key]
+
+
 def main():
     path, data = newest("accuracy-*.json")
     if data is None:
@@ -28,7 +33,8 @@ def main():
         method = card.get("method")
         groups = defaultdict(list)
         for r in data["results"]:
-            if r.get("weights_sha256") == card["sha256"] and r["config"].split("+")[0] == method:
+            if r.get("weights_sha256") == card["sha256"] and r["config"].split("+")[0] == method \
+                    and r.get("ok", True):
                 groups[(r["dataset"], r["config"])].append(r)
         if not groups:
             print(f"{card_path.name}: no results made with these weights")
@@ -36,8 +42,8 @@ def main():
         evaluation = {"results_file": str(path.relative_to(ROOT)), "date": data["date"], "datasets": {}}
         for (ds, cfg), rs in sorted(groups.items()):
             entry = {"pairs": len(rs),
-                     "folding_percent": float(np.mean([r["metrics"]["folding_percent"] for r in rs])),
-                     "sdlogj": float(np.mean([r["metrics"]["sdlogj"] for r in rs])),
+                     "folding_percent": float(np.mean([_figure(r, "folding_percent") for r in rs])),
+                     "sdlogj": float(np.mean([_figure(r, "sdlogj") for r in rs])),
                      "wall_s": float(np.mean([r["wall_s"] for r in rs]))}
             if all("dice_mean_after" in r for r in rs):
                 entry["dice_mean_before"] = float(np.mean([r["dice_mean_before"] for r in rs]))

@@ -1,0 +1,215 @@
+"""The registrations people use today, run the way their users run them, for the benchmark.
+
+Each peer is one function ``peer(fixed, moving, out) -> Path``: it registers the ``moving`` image
+file to the ``fixed`` one and writes one ITK file into the folder ``out``, the fixed -> moving map
+in ITK's resampling sense (``warped(p) = moving(T(p))``, LPS mm), so that the benchmark's scorer
+reads every method and peer the same way:
+
+* a displacement-field image on the fixed grid (``.mha``/``.nii.gz``), or
+* a linear transform (``.tfm``).
+
+Settings are each tool's documented defaults, or the settings of the tool's own published
+example, named in the docstring; nothing is tuned to the benchmark's data. A peer's package is
+imported only when the peer runs, and :func:`available` says which ones can run here (the
+packages are the ``bench`` extra: ``pip install .[bench]``). Random sampling (ANTs, elastix, the
+SimpleITK metric) is left at each tool's default (SimpleITK's seed is fixed, but with more than
+one thread its runs still differ slightly), so these peers' numbers vary a little from run to
+run; on a small multimodal pair (prostate MR to ultrasound) ANTs SyN's gland Dice ranged from
+0.28 to 0.75 over three runs.
+"""
+from __future__ import annotations
+
+from importlib import metadata
+from pathlib import Path
+from typing import Callable, Dict, List, NamedTuple, Optional
+
+
+class Peer(NamedTuple):
+    name: str
+    function: Callable[[str, str, Path], Path]
+    distribution: Optional[str]  # pip package it needs beyond the engine's (None: SimpleITK only)
+    description: str
+
+
+def _read_sitk(path: str):
+    import SimpleITK as sitk
+    return sitk.Cast(sitk.ReadImage(str(path)), sitk.sitkFloat32)
+
+
+def _write_field_sitk(field, path: Path) -> Path:
+    """A SimpleITK displacement-field image, float32 components (what every reader accepts)."""
+    import SimpleITK as sitk
+    sitk.WriteImage(sitk.Cast(field, sitk.sitkVectorFloat32), str(path))
+    return path
+
+
+# -- ANTs ------------------------------------------------------------------------------------------
+def _ants(fixed: str, moving: str, out: Path, type_of_transform: str) -> Path:
+    import ants
+    f = ants.image_read(str(fixed), pixeltype="float")
+    m = ants.image_read(str(moving), pixeltype="float")
+    reg = ants.registration(f, m, type_of_transform=type_of_transform, outprefix=str(out / "ants_"))
+    # ANTs' own composition of its transform list (affine, then warp) into one displacement field
+    # on the fixed grid: exactly the map antsApplyTransforms would resample the moving image with
+    composed = ants.apply_transforms(f, m, reg["fwdtransforms"], compose=str(out / "ants_"))
+    if composed is None:
+        raise RuntimeError("antsApplyTransforms did not write the composed field")
+    return Path(composed)
+
+
+def ants_syn(fixed: str, moving: str, out: Path) -> Path:
+    """ANTs SyN through antspyx, ``type_of_transform="SyN"`` with every default (rigid + affine +
+    deformable SyN, mutual information, ``reg_iterations=(40, 20, 0)``)."""
+    return _ants(fixed, moving, out, "SyN")
+
+
+def ants_syncc(fixed: str, moving: str, out: Path) -> Path:
+    """ANTs SyN through antspyx, ``type_of_transform="SyNCC"`` (rigid + affine + SyN with
+    cross-correlation, antspyx's preset, documented as tuned for brain images)."""
+    return _ants(fixed, moving, out, "SyNCC")
+
+
+# -- elastix ----------------------------------------------------------------------------------------
+def elastix_affine_bspline(fixed: str, moving: str, out: Path) -> Path:
+    """elastix through itk-elastix: the default ``affine`` parameter map followed by the default
+    ``bspline`` map (``ParameterObject.GetDefaultParameterMap``), the tool's documented starting
+    point. The result is transformix's deformation field on the fixed grid."""
+    import itk
+    f = itk.imread(str(fixed), itk.F)
+    m = itk.imread(str(moving), itk.F)
+    params = itk.ParameterObject.New()
+    params.AddParameterMap(params.GetDefaultParameterMap("affine"))
+    params.AddParameterMap(params.GetDefaultParameterMap("bspline"))
+    work = out / "elastix"
+    work.mkdir(parents=True, exist_ok=True)
+    _, result = itk.elastix_registration_method(f, m, parameter_object=params, log_to_console=False,
+                                                output_directory=str(work))
+    # transformix writes deformationField.nii into its output directory (else the current one)
+    field = itk.transformix_deformation_field(m, result, output_directory=str(work), log_to_console=False)
+    path = out / "elastix_displacement.mha"
+    itk.imwrite(field, str(path))
+    return path
+
+
+# -- SimpleITK --------------------------------------------------------------------------------------
+def _sitk_affine_transform(f, m):
+    """Affine registration with the settings of SimpleITK's registration tutorial
+    (SimpleITK-Notebooks, ``60_Registration_Introduction``): geometric centring, Mattes mutual
+    information with 50 bins on a 1 % random sample, gradient descent (learning rate 1, 100
+    iterations, convergence 1e-6 over 10), scales from physical shift, three levels with shrink
+    factors 4, 2, 1 and smoothing sigmas 2, 1, 0 mm."""
+    import SimpleITK as sitk
+    initial = sitk.CenteredTransformInitializer(f, m, sitk.AffineTransform(3),
+                                                sitk.CenteredTransformInitializerFilter.GEOMETRY)
+    reg = sitk.ImageRegistrationMethod()
+    reg.SetMetricAsMattesMutualInformation(numberOfHistogramBins=50)
+    reg.SetMetricSamplingStrategy(reg.RANDOM)
+    reg.SetMetricSamplingPercentage(0.01, seed=0)
+    reg.SetInterpolator(sitk.sitkLinear)
+    reg.SetOptimizerAsGradientDescent(learningRate=1.0, numberOfIterations=100,
+                                      convergenceMinimumValue=1e-6, convergenceWindowSize=10)
+    reg.SetOptimizerScalesFromPhysicalShift()
+    reg.SetShrinkFactorsPerLevel(shrinkFactors=[4, 2, 1])
+    reg.SetSmoothingSigmasPerLevel(smoothingSigmas=[2, 1, 0])
+    reg.SmoothingSigmasAreSpecifiedInPhysicalUnitsOn()
+    reg.SetInitialTransform(initial, inPlace=False)
+    t = reg.Execute(f, m)
+    while isinstance(t, sitk.CompositeTransform) and t.GetNumberOfTransforms() == 1:
+        t = t.GetNthTransform(0)
+    return t
+
+
+def sitk_affine(fixed: str, moving: str, out: Path) -> Path:
+    """The affine-only baseline: SimpleITK affine registration alone (see
+    :func:`_sitk_affine_transform` for its settings), written as a ``.tfm``."""
+    import SimpleITK as sitk
+    t = _sitk_affine_transform(_read_sitk(fixed), _read_sitk(moving))
+    path = out / "sitk_affine.tfm"
+    sitk.WriteTransform(t, str(path))
+    return path
+
+
+def sitk_affine_demons(fixed: str, moving: str, out: Path) -> Path:
+    """SimpleITK affine (as :func:`sitk_affine`) then demons with the settings of SimpleITK's
+    ``Examples/DemonsRegistration/DemonsRegistration2.py``: histogram matching of the moving image
+    to the fixed one (1024 levels, 128 for 8-bit images; 7 match points, threshold at the mean),
+    ``FastSymmetricForcesDemonsRegistrationFilter`` with 200 iterations and standard deviation 1,
+    started from the affine as a displacement field (as that example does with its initial
+    transform). Demons assumes the same contrast; on a multimodal pair it is expected to do badly,
+    as it does for its users."""
+    import SimpleITK as sitk
+    f8 = sitk.ReadImage(str(fixed))
+    f = sitk.Cast(f8, sitk.sitkFloat32)
+    m = _read_sitk(moving)
+    affine = _sitk_affine_transform(f, m)
+    if (m.GetSize() != f.GetSize() or m.GetSpacing() != f.GetSpacing() or m.GetOrigin() != f.GetOrigin()
+            or m.GetDirection() != f.GetDirection()):
+        # demons compares the two images voxel by voxel: put the moving image on the fixed grid
+        # first (identity map, a change of sampling only; the affine is applied by the field)
+        m = sitk.Resample(m, f, sitk.Transform(), sitk.sitkLinear, 0.0)
+    matcher = sitk.HistogramMatchingImageFilter()
+    matcher.SetNumberOfHistogramLevels(128 if f8.GetPixelID() in (sitk.sitkUInt8, sitk.sitkInt8) else 1024)
+    matcher.SetNumberOfMatchPoints(7)
+    matcher.ThresholdAtMeanIntensityOn()
+    m = matcher.Execute(m, f)
+    to_field = sitk.TransformToDisplacementFieldFilter()
+    to_field.SetReferenceImage(f)
+    to_field.SetOutputPixelType(sitk.sitkVectorFloat64)
+    initial = to_field.Execute(affine)
+    demons = sitk.FastSymmetricForcesDemonsRegistrationFilter()
+    demons.SetNumberOfIterations(200)
+    demons.SetStandardDeviations(1.0)
+    field = demons.Execute(f, m, initial)
+    return _write_field_sitk(field, out / "sitk_demons_displacement.mha")
+
+
+# -- identity ---------------------------------------------------------------------------------------
+def identity(fixed: str, moving: str, out: Path) -> Path:
+    """Doing nothing: the identity transform (the 'before' of every score)."""
+    import SimpleITK as sitk
+    path = out / "identity.tfm"
+    sitk.WriteTransform(sitk.AffineTransform(3), str(path))
+    return path
+
+
+PEERS: Dict[str, Peer] = {p.name: p for p in (
+    Peer("ants-syn", ants_syn, "antspyx", "ANTs SyN (antspyx, type_of_transform='SyN', defaults)"),
+    Peer("ants-syncc", ants_syncc, "antspyx", "ANTs SyN with cross-correlation (antspyx 'SyNCC' preset)"),
+    Peer("elastix-affine-bspline", elastix_affine_bspline, "itk-elastix",
+         "elastix default affine + default B-spline parameter maps (itk-elastix)"),
+    Peer("sitk-affine-demons", sitk_affine_demons, None,
+         "SimpleITK affine (Mattes MI) + fast symmetric-forces demons (SimpleITK examples' settings)"),
+    Peer("sitk-affine", sitk_affine, None, "affine-only baseline: the SimpleITK affine alone"),
+    Peer("identity", identity, None, "identity transform (doing nothing)"),
+)}
+
+#: peers that are not registrations; left out of the "fastest peer" a method's time is compared to
+NOT_A_REGISTRATION = ("identity",)
+
+
+def available(name: str) -> bool:
+    """Whether the peer's package is installed here (asked of the package metadata, without
+    importing it)."""
+    dist = PEERS[name].distribution
+    if dist is None:
+        return True
+    try:
+        metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return False
+    return True
+
+
+def missing_message(name: str) -> str:
+    dist = PEERS[name].distribution
+    return f"skipping peer {name}: {dist} is not installed (pip install {dist}, or pip install .[bench])"
+
+
+def peer_names() -> List[str]:
+    return list(PEERS)
+
+
+def run_peer(name: str, fixed: str, moving: str, out: Path) -> Path:
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    return PEERS[name].function(fixed, moving, out)
