@@ -121,10 +121,6 @@ def posed_pair(img: sitk.Image, lab: sitk.Image, theta: float):
     return moving, moving_lab, a
 
 
-def _arr(img):
-    return torch.from_numpy(sitk.GetArrayFromImage(img).astype(np.float32))[None, None]
-
-
 def engine_initializer(name: str, **options) -> Callable:
     def run(fixed, moving, device):
         from deepreglib.align import INITIALIZERS, initial_transform

@@ -28,7 +28,8 @@ class MethodInfo:
         implementation: ``"module:Class"`` of its :class:`~deepreglib.methods.base.Method`.
         outputs: names of the outputs it writes besides the common ones (warped, transform,
             jacobian, manifest, qa picture).
-        expected_seconds: rough wall time for a 160x192x224 pair, per device kind.
+        expected_seconds: rough wall time for a 160x192x224 pair, per device kind (CPU: whole
+            ``register`` calls in ``benchmarks/results``; CUDA: an estimate until a GPU run lands).
         input_note: what inputs it expects (intra/inter-subject, modality, pre-alignment).
         supports_refine: whether ``--refine N`` applies (instance optimisation of its field).
         reference: the paper it follows.
@@ -123,7 +124,7 @@ register_method(MethodInfo(
     implementation="deepreglib.methods.carnet:CarNetMethod",
     outputs=("displacement", "inverse_displacement", "velocity", "attention_fixed", "attention_moving",
              "uncertainty_mm", "query_attention"),
-    expected_seconds={"cpu": 15.0, "cuda": 1.0},
+    expected_seconds={"cpu": 12.0, "cuda": 1.0},
     input_note="Same-modality 3D pair, roughly (affinely) aligned: use --init affine otherwise. "
                "Option query_point=x,y,z (LPS mm) adds the attention row of that fixed point.",
     reference="Shi et al., CAR-Net: co-attention guided diffeomorphic registration (2022)",
@@ -137,8 +138,9 @@ register_method(MethodInfo(
     kind="deformable",
     weights="amdf",
     implementation="deepreglib.methods.amdf:AmdfMethod",
-    outputs=("displacement", "roi_fixed", "roi_moving", "fusion_weights", "per_scale_fields"),
-    expected_seconds={"cpu": 15.0, "cuda": 1.0},
+    outputs=("displacement", "roi_mask_fixed", "roi_mask_moving", "fusion_weight_s1", "fusion_weight_s2",
+             "fusion_weight_s4", "fusion_weight_s8", "field_s1_mm", "field_s2_mm", "field_s4_mm", "field_s8_mm"),
+    expected_seconds={"cpu": 21.0, "cuda": 1.0},
     input_note="Same-modality 3D pair, roughly aligned (use --init affine otherwise).",
     reference="Attention-guided fusion of multi-scale deformation fields (DFSA)",
 ))
@@ -153,7 +155,7 @@ register_method(MethodInfo(
     weights="r2n2",
     implementation="deepreglib.methods.r2n2:R2N2Method",
     outputs=("displacement", "r2n2_deformations", "r2n2_steps"),
-    expected_seconds={"cpu": 20.0, "cuda": 1.5},
+    expected_seconds={"cpu": 8.0, "cuda": 1.5},
     input_note="Same-modality 3D pair, roughly aligned; options max_steps, stop_threshold.",
     reference="Sandkühler et al., Recurrent Registration Neural Networks for Deformable Image "
               "Registration, NeurIPS 2019 (extended to 3D)",
@@ -169,7 +171,7 @@ register_method(MethodInfo(
     weights="dnet",
     implementation="deepreglib.methods.dnet:DNetMethod",
     outputs=("transform", "mutual_attention"),
-    expected_seconds={"cpu": 2.0, "cuda": 0.2},
+    expected_seconds={"cpu": 1.0, "cuda": 0.2},
     input_note="Same subject, any pose (intra-subject rigid). Option query_point=x,y,z for the map.",
     supports_refine=False,
     reference="D-Net: Siamese encoder-decoder with mutual non-local links for rigid registration",
@@ -184,9 +186,10 @@ register_method(MethodInfo(
     kind="deformable",
     weights="same",
     implementation="deepreglib.methods.same:SAMEMethod",
-    outputs=("displacement", "same_affine", "same_coarse_displacement", "same_point_pairs",
-             "embedding_similarity"),
-    expected_seconds={"cpu": 20.0, "cuda": 1.5},
+    outputs=("displacement", "same_affine", "same_coarse_displacement", "same_affine_fixed_points",
+             "same_affine_moving_points", "same_coarse_fixed_points", "same_coarse_moving_points",
+             "embedding_similarity", "body_mask"),
+    expected_seconds={"cpu": 18.0, "cuda": 1.5},
     input_note="Unaligned or aligned pairs of the same body region; option fit=lstsq|ransac|irls for SAM-affine.",
     reference="Liu et al., SAME: Deformable Image Registration based on Self-supervised Anatomical "
               "Embeddings, MICCAI 2021",
