@@ -106,6 +106,28 @@ QUICK_SKIP = {"ants-syncc": "its preset runs up to 2100x1200x1200x20 SyN iterati
                             "not finished one 2 mm brain after 11 minutes of CPU, more than the whole --quick budget"}
 
 
+def extra_configs(entries: Optional[List[str]], refine: int) -> Dict[str, dict]:
+    """``--extra NAME=METHOD:WEIGHTS``: a registered method with other weights (e.g. a baseline
+    trained for the same budget as a new method), as config ``NAME`` and ``NAME+refine``."""
+    out: Dict[str, dict] = {}
+    for entry in entries or []:
+        name, sep, rest = entry.partition("=")
+        method, sep2, weights = rest.partition(":")
+        if not (sep and sep2 and name and method and weights):
+            raise SystemExit(f"--extra {entry!r}: expected NAME=METHOD:WEIGHTS, e.g. "
+                             f"voxelmorph-eq=voxelmorph:benchmarks/models/voxelmorph-48-1600.pt")
+        if method not in METHODS:
+            raise SystemExit(f"--extra {entry!r}: unknown method {method!r}; choose one of {', '.join(METHODS)}")
+        path = Path(weights).resolve()
+        if not path.is_file():
+            raise SystemExit(f"--extra {entry!r}: no weights file {path}")
+        info = METHODS[method]
+        out[name] = {"kind": "engine", "name": method, "refine": 0, "weights": str(path)}
+        if refine > 0 and info.supports_refine and info.kind == "deformable":
+            out[f"{name}+refine"] = {"kind": "engine", "name": method, "refine": refine, "weights": str(path)}
+    return out
+
+
 def peer_configs(quiet: bool = False) -> Dict[str, dict]:
     out = {}
     for name in peers.peer_names():
@@ -280,6 +302,8 @@ def main(argv=None):
                         "moving_labels.*, fixed_landmarks.*, moving_landmarks.* (see benchmarks/datasets.py)")
     p.add_argument("--methods", nargs="+", default=None,
                    help="configurations to run (names from --list, or 'engine' / 'peers'); default all")
+    p.add_argument("--extra", nargs="+", default=None, metavar="NAME=METHOD:WEIGHTS",
+                   help="also run METHOD with other weights as configuration NAME (and NAME+refine)")
     p.add_argument("--quick", action="store_true",
                    help="one pair per dataset, brains at 2 mm, fewer refinement steps (about 10 min on 2 cores)")
     p.add_argument("--refine", type=int, default=None,
@@ -294,7 +318,8 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.refine is None:
         args.refine = QUICK_REFINE_STEPS if args.quick else REFINE_STEPS
-    configs = select({**engine_configs(args.refine), **peer_configs()}, args.methods)
+    configs = select({**engine_configs(args.refine), **extra_configs(args.extra, args.refine), **peer_configs()},
+                     args.methods)
     skipped = {}
     if args.quick:
         for name, why in QUICK_SKIP.items():
@@ -334,6 +359,8 @@ def main(argv=None):
                 child = run_child(spec, run_dir, args.threads, args.timeout)
                 r = {"dataset": case["dataset"], "case": case["name"], "config": cfg, "group": spec["kind"],
                      "method": spec["name"], "refine": spec.get("refine", 0)}
+                if spec.get("weights"):
+                    r["weights"] = Path(spec["weights"]).name
                 r.update({k: v for k, v in child.items() if k != "traceback"})
                 if r["ok"]:
                     try:

@@ -42,7 +42,7 @@ def run_engine(spec: dict) -> dict:
     from deepreglib.pipeline import RegisterOptions, register
     opts = RegisterOptions(fixed=spec["fixed"], moving=spec["moving"], out=spec["out"], method=spec["name"],
                            device=spec.get("device", "cpu"), refine=int(spec.get("refine", 0)), qa=False,
-                           threads=spec.get("threads"))
+                           threads=spec.get("threads"), weights=spec.get("weights"))
     t0 = time.perf_counter()
     manifest_path = register(opts)
     wall = time.perf_counter() - t0

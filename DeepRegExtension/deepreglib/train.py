@@ -52,6 +52,10 @@ class TrainingRecipe:
     optimizer_options: Dict[str, object] = field(default_factory=dict)
     #: adds the recipe's own command-line options (named ``--METHOD-...``, with defaults)
     add_arguments: Optional[Callable[[argparse.ArgumentParser], None]] = None
+    #: ``(vols, shape, rng) -> batch`` replacing :func:`real_pair` for the real batches (e.g.
+    #: D-Net, which sees whole volumes at inference, trains on whole volumes, not crops)
+    real_batch: Optional[Callable[[List[torch.Tensor], Sequence[int], np.random.Generator],
+                                  Dict[str, torch.Tensor]]] = None
 
 
 RECIPES: Dict[str, TrainingRecipe] = {}
@@ -137,7 +141,9 @@ def make_batch(step: int, args: argparse.Namespace, vols: List[torch.Tensor]) ->
     """Batch ``step`` of a run: a pure function of ``(args.seed, step)``."""
     rng = _rng(args.seed, step)
     if vols and rng.random() < args.real_fraction:
-        batch = real_pair(vols, args.shape, rng)
+        recipe = RECIPES.get(getattr(args, "method", ""))
+        make_real = recipe.real_batch if recipe is not None and recipe.real_batch is not None else real_pair
+        batch = make_real(vols, args.shape, rng)
     else:
         bank_seed = args.seed * 100_003 + int(rng.integers(0, max(1, args.synth_bank)))
         batch = synthetic_batch(args.shape, seed=bank_seed, max_std=args.max_std)
@@ -171,7 +177,8 @@ def train(args: argparse.Namespace, log: Callable[[str], None] = print) -> Path:
     csv_path = out / "loss.csv"
     if step < args.steps:
         _truncate_log(csv_path, step)  # rows past the checkpoint are redone after a resume
-    fieldnames = ["step", "loss", *recipe.terms, "seconds", "real"]
+    fieldnames = ["step", "loss", *recipe.terms, *(["grad_norm"] if getattr(args, "clip_grad", 0.0) else []),
+                  "seconds", "real"]
     _ensure_header(csv_path, fieldnames)
     t_start = time.time()
     with open(csv_path, "a", newline="") as f:
@@ -182,9 +189,13 @@ def train(args: argparse.Namespace, log: Callable[[str], None] = print) -> Path:
         while step < args.steps:
             batch = {k: v.to(device) for k, v in make_batch(step, args, vols).items()}
             t0 = time.time()
+            args.current_step = step  # recipes with a schedule (e.g. dnet's angle warm-up) read it
             total, terms = recipe.loss(model, batch, args)
             opt.zero_grad(set_to_none=True)
             total.backward()
+            if getattr(args, "clip_grad", 0.0) and args.clip_grad > 0:
+                grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad))
+                terms = {**terms, "grad_norm": grad_norm}
             opt.step()
             step += 1
             row = {"step": step, "loss": float(total.detach()), **terms, "seconds": time.time() - t0,
@@ -209,7 +220,7 @@ def _record_session(path: Path, args: argparse.Namespace, step: int) -> None:
     if path.is_file():
         old = json.loads(path.read_text())
         sessions = old.get("sessions", [{"from_step": 0, "args": old}])
-    sessions.append({"from_step": step, "args": {k: v for k, v in vars(args).items() if k != "func"}})
+    sessions.append({"from_step": step, "args": {k: v for k, v in vars(args).items() if k not in ("func", "current_step")}})
     path.write_text(json.dumps({"sessions": sessions}, indent=2, default=str))
 
 
@@ -294,7 +305,8 @@ def export(model: nn.Module, args: argparse.Namespace, csv_path: Path, step: int
             "sessions": [{"from_step": x["from_step"],
                           "changed": {k: v for k, v in x["args"].items()
                                       if k in ("lr", "label_weight", "reg_weight", "real_fraction", "shape",
-                                               "max_std", "threads", "device")}} for x in sessions]}
+                                               "max_std", "threads", "device", "clip_grad")
+                                      or k.startswith(args.method + "_")}} for x in sessions]}
     return save_model(model, args.export, card)
 
 
@@ -314,6 +326,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--reg-weight", type=float, default=1.0, help="smoothness weight")
     p.add_argument("--label-weight", type=float, default=0.0,
                    help="weight of 1 - Dice of the synthetic pairs' label maps (SynthMorph-style; 0: off)")
+    p.add_argument("--clip-grad", type=float, default=0.0,
+                   help="clip the gradient's global L2 norm to this value before each step (0: off); "
+                        "logged as grad_norm")
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=max(1, min(4, os.cpu_count() or 1)))
     p.add_argument("--checkpoint-every", type=int, default=25)
