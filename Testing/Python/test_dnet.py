@@ -14,7 +14,8 @@ from deepreglib.geometry import Grid, voxel_grid_points
 from deepreglib.methods.dnet import (DNetMethod, dnet_grid, dnet_initializer, normalized_to_index,
                                      normalized_to_physical, physical_rigid, rotation_error_deg)
 from deepreglib.methods.dnet_training import _loss as dnet_recipe_loss
-from deepreglib.methods.dnet_training import dnet_loss_terms, rigid_training_pair
+from deepreglib.methods.dnet_training import (dnet_loss_terms, max_angle_at, rigid_training_pair,
+                                              whole_volume_batch)
 from deepreglib.methods.learned_init import register_learned_initializers
 from deepreglib.methods.base import RunContext
 from deepreglib.modelio import save_model
@@ -304,9 +305,47 @@ def test_short_dnet_training_lowers_the_loss():
     losses = []
     for _ in range(25):
         total, terms = dnet_recipe_loss(model, batch, args)
-        assert set(terms) == {"translation_loss", "rotation_loss"}
+        assert set(terms) == {"translation_loss", "rotation_loss", "max_angle_deg"}
+        assert terms["max_angle_deg"] == pytest.approx(180.0)  # no warm-up asked: the paper's range
         opt.zero_grad()
         total.backward()
         opt.step()
         losses.append(float(total.detach()))
     assert np.mean(losses[-3:]) < 0.5 * losses[0]
+
+
+def test_angle_warm_up_grows_linearly_to_the_full_range():
+    assert max_angle_at(0, 0, 30.0) == pytest.approx(math.pi)  # no warm-up: always +-180
+    assert math.degrees(max_angle_at(0, 100, 30.0)) == pytest.approx(30.0)
+    assert math.degrees(max_angle_at(50, 100, 30.0)) == pytest.approx(105.0)
+    assert max_angle_at(100, 100, 30.0) == pytest.approx(math.pi)
+    assert max_angle_at(10_000, 100, 30.0) == pytest.approx(math.pi)
+    with pytest.raises(ValueError, match="start angle"):
+        max_angle_at(0, 100, 200.0)
+    # the draws respect the bound of the step
+    vol = _compact_volume()
+    for s in range(20):
+        ex = rigid_training_pair(vol, torch.Generator().manual_seed(s), max_angle=math.radians(20), augment=False)
+        assert rotation_error_deg(np.eye(3), ex["rotation"][0].numpy()) <= 20.0 + 1e-6
+
+
+def test_canonical_fixed_pose_keeps_the_volume_as_the_fixed_view():
+    vol = _compact_volume()
+    ex = rigid_training_pair(vol, torch.Generator().manual_seed(1), random_fixed_pose=False, augment=False)
+    assert float((ex["fixed"] - vol).abs().max()) < 1e-5
+    ex = rigid_training_pair(vol, torch.Generator().manual_seed(1), random_fixed_pose=True, augment=False)
+    assert float((ex["fixed"] - vol).abs().max()) > 0.05  # the default turns the fixed view too
+
+
+def test_real_dnet_volumes_are_whole_scans_in_a_centred_cube():
+    """Like the method's input (the whole field of view in a cube), not a crop."""
+    v = torch.zeros(1, 1, 20, 40, 10)
+    v[:, :, 5:15, 2:38, 2:8] = 1.0
+    batch = whole_volume_batch([v], (16, 16, 16), np.random.default_rng(0))
+    f = batch["fixed"]
+    assert tuple(f.shape) == (1, 1, 16, 16, 16) and torch.equal(batch["moving"], f)
+    idx = torch.nonzero(f[0, 0] > 0.5).double()
+    assert torch.allclose(idx.mean(0), torch.full((3,), 7.5, dtype=torch.float64), atol=0.5)  # centred
+    extent = idx.max(0).values - idx.min(0).values
+    assert float(extent[1]) >= 13  # the longest axis (40 voxels, 36 of them filled) spans the cube
+    assert float(extent[0]) <= 5 and float(extent[2]) <= 3  # the others keep their proportions

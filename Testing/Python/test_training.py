@@ -100,3 +100,15 @@ def test_a_short_training_run_lowers_the_loss_on_a_fixed_pair():
         opt.step()
         losses.append(float(loss.detach()))
     assert losses[-1] < losses[0] - 0.01, losses
+
+
+def test_gradient_clipping_is_logged_and_recorded_in_the_model_card(tmp_path):
+    _train(tmp_path, 3, "clipped", extra=("--clip-grad", "0.5", "--export", str(tmp_path / "clipped_model")))
+    import csv
+    rows = list(csv.DictReader(open(tmp_path / "clipped" / "loss.csv")))
+    assert len(rows) == 3 and all(float(r["grad_norm"]) > 0 for r in rows)  # the norm before clipping
+    card = json.loads((tmp_path / "clipped_model.json").read_text())
+    assert card["sessions"][0]["changed"]["clip_grad"] == 0.5
+    _train(tmp_path, 2, "unclipped")
+    header = (tmp_path / "unclipped" / "loss.csv").read_text().splitlines()[0]
+    assert "grad_norm" not in header
