@@ -169,6 +169,8 @@ def train(args: argparse.Namespace, log: Callable[[str], None] = print) -> Path:
         ckpt = torch.load(ckpt_path, map_location=device, weights_only=True)
         model.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["optimizer"])
+        for group in opt.param_groups:  # the optimiser state keeps its lr: this session's --lr wins
+            group["lr"] = args.lr or recipe.lr
         step = int(ckpt["step"])
         log(f"resumed {args.method} from {ckpt_path} at step {step}")
     if step < args.steps:

@@ -112,3 +112,11 @@ def test_gradient_clipping_is_logged_and_recorded_in_the_model_card(tmp_path):
     _train(tmp_path, 2, "unclipped")
     header = (tmp_path / "unclipped" / "loss.csv").read_text().splitlines()[0]
     assert "grad_norm" not in header
+
+
+def test_a_resumed_run_uses_the_learning_rate_of_its_own_session(tmp_path):
+    _train(tmp_path, 2, "lr")
+    _train(tmp_path, 3, "lr", extra=("--lr", "2e-4"))
+    ckpt = torch.load(tmp_path / "lr" / "checkpoint.pt", weights_only=True)
+    assert ckpt["step"] == 3
+    assert all(g["lr"] == pytest.approx(2e-4) for g in ckpt["optimizer"]["param_groups"])
