@@ -349,3 +349,20 @@ def test_real_dnet_volumes_are_whole_scans_in_a_centred_cube():
     extent = idx.max(0).values - idx.min(0).values
     assert float(extent[1]) >= 13  # the longest axis (40 voxels, 36 of them filled) spans the cube
     assert float(extent[0]) <= 5 and float(extent[2]) <= 3  # the others keep their proportions
+
+
+def test_a_repeated_training_volume_gets_a_new_pose_at_every_step():
+    """Whole scans and the synthetic bank repeat images; the draws must not (else D-Net memorises
+    one pose per image), and must still be a pure function of (seed, step) for resuming."""
+    vol = _compact_volume()
+    batch = {"fixed": vol, "moving": vol}
+    from deepreglib.methods.training_draws import batch_generator
+
+    def pose(step):
+        ex = rigid_training_pair(vol, batch_generator(batch, 0, step), augment=False)
+        return ex["rotation"][0]
+
+    assert torch.equal(pose(7), pose(7))
+    assert not torch.allclose(pose(7), pose(8), atol=1e-3)
+    assert torch.equal(rigid_training_pair(vol, batch_generator(batch, 0), augment=False)["rotation"],
+                       rigid_training_pair(vol, batch_generator(batch, 0), augment=False)["rotation"])

@@ -16,7 +16,7 @@ Loss (minimise, 0 at a perfect pose): ``0.5 |t - t^|^2 / (|t|^2 + 0.01) + 0.5 |r
 ``t`` in normalised units, ``r6`` the first two columns of ``R`` and ``r^6`` the network's raw 6D
 output (before Gram-Schmidt), averaged over the batch.
 
-The random draws come from a generator seeded by ``(args.seed, checksum of the batch)``: the
+The random draws come from a generator seeded by ``(args.seed, checksum of the batch, step)``: the
 batch of step ``i`` is a pure function of ``(seed, i)``, so a resumed run repeats them exactly.
 
 Schedule options (beyond the paper, for short CPU budgets; the defaults are the paper's):
@@ -150,7 +150,7 @@ def _build(args):
 
 
 def _loss(model, batch, args):
-    g = batch_generator(batch, args.seed)
+    g = batch_generator(batch, args.seed, getattr(args, "current_step", None))
     max_angle = max_angle_at(int(getattr(args, "current_step", 0)), int(_arg(args, "angle_warmup")),
                              float(_arg(args, "start_angle")))
     ex = rigid_training_pair(batch["fixed"].detach().cpu().float(), g, max_angle=max_angle,

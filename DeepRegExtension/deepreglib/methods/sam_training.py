@@ -115,7 +115,7 @@ def _build_sam(args):
 
 
 def _sam_loss(model, batch, args):
-    g = batch_generator(batch, args.seed)
+    g = batch_generator(batch, args.seed, getattr(args, "current_step", None))
     views = contrastive_views(batch["fixed"].detach().cpu().float(), g)
     lg, ll = sam_contrastive_loss(model, views, g, _GLOBAL_NCE, _LOCAL_NCE)
     return lg + ll, {"global_nce": float(lg.detach()), "local_nce": float(ll.detach())}
