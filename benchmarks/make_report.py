@@ -67,7 +67,7 @@ def accuracy_section(lines):
     tables and figures, GPU columns from the newest CUDA run; then every other dated results file,
     each on its own (runs differ in methods and datasets, so none is merged with another)."""
     import benchmark_report
-    files = sorted(RESULTS.glob("accuracy-*.json"), reverse=True)
+    files = [f for f in sorted(RESULTS.glob("accuracy-*.json"), reverse=True) if not f.stem.endswith("equal-budget")]
     if not files:
         lines += ["No `accuracy-*.json` results yet (`python benchmarks/evaluate.py --quick`).", ""]
         return
@@ -92,6 +92,72 @@ def accuracy_section(lines):
             lines += benchmark_report.markdown_section(path, loaded[path], ROOT)
         else:
             _accuracy_run(lines, path, loaded[path])
+
+
+#: what each configuration of an equal-budget run is (the training budget of its weights)
+EQUAL_BUDGET_NOTES = {
+    "voxelmorph": "shipped VoxelMorph: 3050 steps at 64^3 (a larger budget than the others)",
+    "vxm-eq600": "VoxelMorph, 600 steps at 48^3: the budget of `amdf` and `same` (SAM-VoxelMorph)",
+    "vxm-eq1600": "VoxelMorph, 1600 steps at 48^3: the budget of `carnet`",
+    "carnet": "CAR-Net, 1600 steps at 48^3",
+    "amdf": "AMDF, 600 steps at 48^3 (after its ROI segmenter, 250, and label auto-encoder, 300)",
+    "same": "SAME, SAM-VoxelMorph 600 steps at 48^3 (after SAM, 600)",
+    "identity": "no registration",
+}
+
+
+def equal_budget_section(lines):
+    """The papers' claim, attention (or anatomy embeddings) beat the plain U-Net at equal budget:
+    each new method beside VoxelMorph trained with the same steps, patch, lr, data and seed."""
+    files = sorted(RESULTS.glob("accuracy-*-equal-budget.json"))
+    if not files:
+        return
+    path = files[-1]
+    data = json.loads(path.read_text())
+    res = [r for r in data["results"] if r.get("ok")]
+    datasets = []
+    for r in res:
+        if r["dataset"] not in datasets:
+            datasets.append(r["dataset"])
+    configs = []
+    for r in res:
+        if r["config"] not in configs:
+            configs.append(r["config"])
+    lines += ["## Equal training budget: attention and anatomy embeddings vs the plain U-Net (issues 4, 5)", "",
+              f"Results file: `{path.relative_to(ROOT)}` (quick run, {data['machine'].get('cpu_count', '?')} CPU cores, "
+              f"{data['machine'].get('threads', 1) if isinstance(data['machine'], dict) else 1} thread per run; "
+              f"`+refine` = {data['refine_steps']} instance-optimisation steps, the same for all). The baselines were "
+              "trained with `deepreg train voxelmorph --shape 48 48 48 --lr 5e-4 --label-weight 1 --real-dir "
+              "oasis_unlabeled --real-fraction 0.5 --seed 0`, the settings of the new methods, and exported at 600 "
+              "and 1600 steps (`benchmarks/models/`).", ""]
+    for c in configs:
+        base = c.replace("+refine", "")
+        if base in EQUAL_BUDGET_NOTES and not c.endswith("+refine"):
+            lines.append(f"- `{c}`: {EQUAL_BUDGET_NOTES[base]}")
+    lines.append("")
+    head = "| configuration | " + " | ".join(f"{d} Dice | {d} EPE (mm)" for d in datasets) + " | folding % (max) | SDlogJ (max) | CPU s (mean) |"
+    lines += [head, "|" + "---|" * (1 + 2 * len(datasets) + 3)]
+    for c in configs:
+        cells = []
+        rs_c = [r for r in res if r["config"] == c]
+        for d in datasets:
+            rs = [r for r in rs_c if r["dataset"] == d]
+            dice = [r["dice_mean_after"] for r in rs if "dice_mean_after" in r]
+            epe = [r["epe_mm"]["mean"] for r in rs if "epe_mm" in r]
+            cells += [fmt(float(np.mean(dice)) if dice else None), fmt(float(np.mean(epe)) if epe else None, 2)]
+        fold = max(r["folding_percent"] for r in rs_c)
+        sd = max(r["sdlogj"] for r in rs_c)
+        wall = float(np.mean([r["wall_s"] for r in rs_c]))
+        lines.append(f"| {c} | " + " | ".join(cells) + f" | {fmt(fold, 4)} | {fmt(sd, 3)} | {fmt(wall, 1)} |")
+    before = {d: [r for r in res if r["dataset"] == d and r["config"] == configs[0]] for d in datasets}
+    lines += ["", "Before registration: " + "; ".join(
+        f"{d} Dice {fmt(float(np.mean([r['dice_mean_before'] for r in rs if 'dice_mean_before' in r])))}"
+        + (f", EPE {fmt(float(np.mean([r['epe_before_mm'] for r in rs if 'epe_before_mm' in r])), 2)} mm"
+           if any('epe_before_mm' in r for r in rs) else "")
+        for d, rs in before.items() if rs) + ".", ""]
+    notes = RESULTS.parent / "EQUAL_BUDGET.md"
+    if notes.is_file():
+        lines += [notes.read_text().strip(), ""]
 
 
 def _accuracy_run(lines, path, data):
@@ -202,6 +268,7 @@ def main():
     timing_section(lines)
     lines += ["## Accuracy", ""]
     accuracy_section(lines)
+    equal_budget_section(lines)
     study_sections(lines)
     model_section(lines)
     notes = ROOT / "benchmarks" / "NOTES.md"

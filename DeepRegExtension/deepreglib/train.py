@@ -56,6 +56,9 @@ class TrainingRecipe:
     #: D-Net, which sees whole volumes at inference, trains on whole volumes, not crops)
     real_batch: Optional[Callable[[List[torch.Tensor], Sequence[int], np.random.Generator],
                                   Dict[str, torch.Tensor]]] = None
+    #: ``(args) -> bool``: whether batches get random axis flips (default yes); D-Net learning poses
+    #: relative to the scans' own orientation must not see mirrored scans
+    flips: Optional[Callable[[argparse.Namespace], bool]] = None
 
 
 RECIPES: Dict[str, TrainingRecipe] = {}
@@ -125,10 +128,13 @@ def synthetic_batch(shape: Sequence[int], seed: int, max_std: float) -> Dict[str
     return dict(_SYNTH_BANK[key])
 
 
-def augment(batch: Dict[str, torch.Tensor], rng: np.random.Generator) -> Dict[str, torch.Tensor]:
-    """Random axis flips of every tensor of the pair and a random swap of fixed and moving
-    (both keep the pair's correspondence; no displacement target is used by the losses)."""
+def augment(batch: Dict[str, torch.Tensor], rng: np.random.Generator, flips: bool = True) -> Dict[str, torch.Tensor]:
+    """Random axis flips of every tensor of the pair (unless ``flips`` is off) and a random swap
+    of fixed and moving (both keep the pair's correspondence; no displacement target is used by
+    the losses)."""
     dims = [d for d in (2, 3, 4) if rng.random() < 0.5]
+    if not flips:
+        dims = []
     out = {k: (v.flip(dims) if dims else v) for k, v in batch.items()}
     if rng.random() < 0.5:
         out["fixed"], out["moving"] = out["moving"], out["fixed"]
@@ -140,14 +146,15 @@ def augment(batch: Dict[str, torch.Tensor], rng: np.random.Generator) -> Dict[st
 def make_batch(step: int, args: argparse.Namespace, vols: List[torch.Tensor]) -> Dict[str, torch.Tensor]:
     """Batch ``step`` of a run: a pure function of ``(args.seed, step)``."""
     rng = _rng(args.seed, step)
+    recipe = RECIPES.get(getattr(args, "method", ""))
     if vols and rng.random() < args.real_fraction:
-        recipe = RECIPES.get(getattr(args, "method", ""))
         make_real = recipe.real_batch if recipe is not None and recipe.real_batch is not None else real_pair
         batch = make_real(vols, args.shape, rng)
     else:
         bank_seed = args.seed * 100_003 + int(rng.integers(0, max(1, args.synth_bank)))
         batch = synthetic_batch(args.shape, seed=bank_seed, max_std=args.max_std)
-    return augment(batch, rng)
+    flips = recipe.flips(args) if recipe is not None and recipe.flips is not None else True
+    return augment(batch, rng, flips)
 
 
 # -- the loop ----------------------------------------------------------------------------------

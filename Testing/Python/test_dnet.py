@@ -366,3 +366,16 @@ def test_a_repeated_training_volume_gets_a_new_pose_at_every_step():
     assert not torch.allclose(pose(7), pose(8), atol=1e-3)
     assert torch.equal(rigid_training_pair(vol, batch_generator(batch, 0), augment=False)["rotation"],
                        rigid_training_pair(vol, batch_generator(batch, 0), augment=False)["rotation"])
+
+
+def test_canonical_pose_training_never_mirrors_the_scans():
+    from deepreglib.cli import build_parser
+    from deepreglib.train import make_batch
+    vol = torch.zeros(1, 1, 12, 12, 12)
+    vol[:, :, 2:5, 3:9, 1:4] = 1.0  # asymmetric along every axis
+    def batches(pose):
+        args = build_parser().parse_args(["train", "dnet", "--out", "unused", "--shape", "12", "12", "12",
+                                          "--real-fraction", "1", "--dnet-fixed-pose", pose])
+        return [make_batch(s, args, [vol])["fixed"] for s in range(12)]
+    assert all(torch.equal(b, vol) for b in batches("canonical"))
+    assert not all(torch.equal(b, vol) for b in batches("random"))

@@ -25,7 +25,8 @@ Schedule options (beyond the paper, for short CPU budgets; the defaults are the 
   ``--dnet-start-angle`` (degrees) to 180 over the first ``N`` steps (a curriculum; 0: always 180);
 * ``--dnet-fixed-pose canonical``: the fixed view keeps the volume's own orientation (``P = I``),
   so the network learns poses relative to the scans' usual orientation rather than between two
-  arbitrary poses (``random``, the default);
+  arbitrary poses (``random``, the default); batches are then not mirrored (a flipped scan has no
+  usual orientation);
 * the generic ``--clip-grad`` of :mod:`deepreglib.train` bounds the spikes of the normalised
   translation term, whose denominator ``|t|^2 + 0.01`` makes small translations steep.
 """
@@ -166,6 +167,7 @@ def _loss(model, batch, args):
 register_recipe("dnet", TrainingRecipe(
     build=_build, loss=_loss, lr=1e-4, terms=("translation_loss", "rotation_loss", "max_angle_deg"),
     add_arguments=add_dnet_arguments, real_batch=whole_volume_batch,
+    flips=lambda args: _arg(args, "fixed_pose") == "random",
     description="D-Net supervised rigid pose: one volume under a random rigid pose (angle uniform in "
                 "(-pi, pi) about a uniform axis, translation up to 1/4 extent), intensity scale 0.95-1.05 "
                 "and noise; loss 0.5|t-t^|^2/(|t|^2+0.01) + 0.5|r6-r^6|^2 (normalised units)"))
