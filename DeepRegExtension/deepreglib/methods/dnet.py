@@ -169,8 +169,10 @@ class DNetMethod(Method):
 
 def dnet_initializer(fixed, fixed_grid: Grid, moving, moving_grid: Grid, device="cpu",
                      progress=None, cancel=None, weights=None, **_) -> np.ndarray:
-    """``--init dnet``: each image on its own D-Net cube (centred on it, a common spacing that
-    fits the larger of the two), one forward pass, the pose as an LPS 4x4 (fixed -> moving).
+    """``--init dnet``: each image on its own D-Net cube (centred on it, both at the spacing
+    that fits the *fixed* image's longest side in the cube, as in training, where the moving
+    view is the fixed cube moved: a larger moving scan is cut to that field of view rather than
+    shrunk), one forward pass, the pose as an LPS 4x4 (fixed -> moving).
 
     ``fixed``/``moving`` are ``(1, 1, D, H, W)`` on their grids; ``weights`` a ``.pt`` path
     (default ``Resources/Models/dnet.pt``)."""
@@ -180,7 +182,7 @@ def dnet_initializer(fixed, fixed_grid: Grid, moving, moving_grid: Grid, device=
         from ..errors import CancelledError
         raise CancelledError("initial alignment cancelled")
     size = model.input_size
-    spacing = max(longest_side_mm(fixed_grid), longest_side_mm(moving_grid)) / size
+    spacing = longest_side_mm(fixed_grid) / size
     f_net = dnet_grid(grid_centre(fixed_grid), size, spacing)
     m_net = dnet_grid(grid_centre(moving_grid), size, spacing)
     f = resample_to_grid(normalize_intensity(torch.as_tensor(fixed).float().reshape(1, 1, *fixed_grid.shape)),
