@@ -254,6 +254,8 @@ def markdown_section(result: dict) -> List[str]:
     lines.append("| **mean seconds** | | " + " | ".join(
         "{:.1f}".format(float(np.mean([r["methods"][n]["seconds"] for r in result["rows"] if n in r["methods"]])))
         if any(n in r["methods"] for r in result["rows"]) else "-" for n in names) + " |")
+    if result.get("notes"):
+        lines += ["", result["notes"]]
     return lines + [""]
 
 
