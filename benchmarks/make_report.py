@@ -236,6 +236,20 @@ def study_sections(lines):
     if pose is not None:
         lines += ["## Rigid and affine alignment over the full rotation range (issue 5)", ""]
         lines += pose_range.markdown_section(pose)
+    subj = _latest("dnet-subjects")
+    if subj is not None:
+        lines += ["### D-Net: training subjects under new poses vs an unseen subject", "",
+                  f"`benchmarks/dnet_subjects.py` ({subj['date']}, {subj['sets'][next(iter(subj['sets']))]['pairs']} random "
+                  "poses over the full range per set, whole scans on the 48³ cube as in training).", "",
+                  "| weights | set | true angle (median) | rotation error median | mean | within 30° |", "|---|---|---|---|---|---|"]
+        rows = [(f"{subj['weights']} ({subj['iterations']} steps)", subj["sets"])]
+        if "first_weights" in subj:
+            rows.append((subj["first_weights"]["weights"], subj["first_weights"]["sets"]))
+        for label, sets in rows:
+            for name, v in sets.items():
+                lines.append(f"| {label} | {name} | {v['true_angle_median_deg']:.0f}° | {v['rotation_error_median_deg']:.1f}° | "
+                             f"{v['rotation_error_mean_deg']:.1f}° | {v['within_30_deg_percent']:.0f} % |")
+        lines.append("")
     r2 = _latest("r2n2")
     if r2 is not None:
         lines += ["## R2N2: steps, adaptive stop and compactness (issue 6)", ""]
