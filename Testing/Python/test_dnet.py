@@ -379,3 +379,15 @@ def test_canonical_pose_training_never_mirrors_the_scans():
         return [make_batch(s, args, [vol])["fixed"] for s in range(12)]
     assert all(torch.equal(b, vol) for b in batches("canonical"))
     assert not all(torch.equal(b, vol) for b in batches("random"))
+
+
+def test_anatomy_variation_is_off_by_default_and_keeps_the_scan_recognisable():
+    from deepreglib.methods.dnet_training import vary_anatomy
+    vol = _compact_volume()
+    assert torch.equal(vary_anatomy(vol, torch.Generator().manual_seed(0), 0.0), vol)
+    varied = vary_anatomy(vol, torch.Generator().manual_seed(0), 2.0)
+    assert varied.shape == vol.shape
+    diff = float((varied - vol).abs().mean())
+    assert 1e-4 < diff < 0.5 * float(vol.abs().mean())  # changed, but the same object
+    com = lambda v: (torch.nonzero(v[0, 0] > 0.5).double().mean(0))  # noqa: E731
+    assert float((com(varied) - com(vol)).norm()) < 2.0  # about the centre: no pose change

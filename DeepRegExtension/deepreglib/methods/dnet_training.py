@@ -100,7 +100,7 @@ def dnet_loss_terms(sixd_pred: torch.Tensor, t_pred: torch.Tensor, sixd_true: to
     return lt, lr
 
 
-DEFAULTS = {"angle_warmup": 0, "start_angle": 180.0, "fixed_pose": "random"}
+DEFAULTS = {"angle_warmup": 0, "start_angle": 180.0, "fixed_pose": "random", "anatomy_augment": 0.0}
 
 
 def add_dnet_arguments(p: argparse.ArgumentParser) -> None:
@@ -112,6 +112,9 @@ def add_dnet_arguments(p: argparse.ArgumentParser) -> None:
                    help="dnet: largest rotation angle (degrees) at step 0 of the warm-up")
     p.add_argument("--dnet-fixed-pose", choices=("random", "canonical"), default=DEFAULTS["fixed_pose"],
                    help="dnet: fixed view under a random rotation (paper) or in the volume's own orientation")
+    p.add_argument("--dnet-anatomy-augment", type=float, default=DEFAULTS["anatomy_augment"],
+                   help="dnet: new anatomy from the few real scans: per-axis scaling up to 1 +- STD/20 and a "
+                        "random smooth deformation of std up to STD voxels before the views (0: off)")
 
 
 def _arg(args: argparse.Namespace, name: str):
@@ -145,6 +148,25 @@ def whole_volume_batch(vols, shape, rng) -> Dict[str, torch.Tensor]:
     return {"fixed": fixed.clamp(0, 1), "moving": fixed.clamp(0, 1)}
 
 
+def vary_anatomy(volume: torch.Tensor, g: torch.Generator, max_std: float) -> torch.Tensor:
+    """A plausible other subject from ``volume`` ``(1, 1, D, H, W)``: per-axis scaling about the
+    centre by factors uniform in ``1 +- max_std / 20`` and a random smooth diffeomorphism (std up
+    to ``max_std`` voxels, control nodes every 8 voxels). Identity for ``max_std <= 0``."""
+    if max_std <= 0:
+        return volume
+    from ..synth import random_displacement
+    from ..warp import warp
+    shape = np.asarray(volume.shape[2:], dtype=np.float64)
+    centre = (shape - 1) / 2.0
+    factors = np.array([uniform_draw(g, 1 - max_std / 20.0, 1 + max_std / 20.0) for _ in range(3)])
+    m = np.eye(4)
+    m[:3, :3] = np.diag(1.0 / factors)
+    m[:3, 3] = centre - m[:3, :3] @ centre
+    scaled = sample_through(volume, m)
+    u, _ = random_displacement(tuple(int(n) for n in shape), g, max_std, 8)
+    return warp(scaled, u.to(scaled.dtype))
+
+
 def _build(args):
     from ..networks.dnet import DNet
     return DNet(input_size=max(int(s) for s in args.shape))
@@ -154,7 +176,10 @@ def _loss(model, batch, args):
     g = batch_generator(batch, args.seed, getattr(args, "current_step", None))
     max_angle = max_angle_at(int(getattr(args, "current_step", 0)), int(_arg(args, "angle_warmup")),
                              float(_arg(args, "start_angle")))
-    ex = rigid_training_pair(batch["fixed"].detach().cpu().float(), g, max_angle=max_angle,
+    volume = batch["fixed"].detach().cpu().float()
+    if "fixed_labels" not in batch:  # a real scan: vary its anatomy (synthetic volumes vary already)
+        volume = vary_anatomy(volume, g, float(_arg(args, "anatomy_augment")))
+    ex = rigid_training_pair(volume, g, max_angle=max_angle,
                              random_fixed_pose=_arg(args, "fixed_pose") == "random")
     device = next(model.parameters()).device
     out = model(ex["moving"].to(device), ex["fixed"].to(device))
