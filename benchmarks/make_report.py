@@ -94,16 +94,25 @@ def accuracy_section(lines):
             _accuracy_run(lines, path, loaded[path])
 
 
-#: what each configuration of an equal-budget run is (the training budget of its weights)
-EQUAL_BUDGET_NOTES = {
-    "voxelmorph": "shipped VoxelMorph: 3050 steps at 64^3 (a larger budget than the others)",
-    "vxm-eq600": "VoxelMorph, 600 steps at 48^3: the budget of `amdf` and `same` (SAM-VoxelMorph)",
-    "vxm-eq1600": "VoxelMorph, 1600 steps at 48^3: the budget of `carnet`",
-    "carnet": "CAR-Net, 1600 steps at 48^3",
-    "amdf": "AMDF, 600 steps at 48^3 (after its ROI segmenter, 250, and label auto-encoder, 300)",
-    "same": "SAME, SAM-VoxelMorph 600 steps at 48^3 (after SAM, 600)",
-    "identity": "no registration",
-}
+def _budget_note(spec: dict) -> str:
+    """What a configuration's weights were trained with, read from their model card (the
+    ``--extra`` file's own card, else the shipped weights of the registry entry)."""
+    from deepreglib.registry import METHODS
+    if spec.get("kind") != "engine":
+        return "no registration" if spec.get("name") == "identity" else "peer"
+    if spec.get("weights"):
+        card_path = ROOT / "benchmarks" / "models" / (Path(spec["weights"]).stem + ".json")
+    else:
+        info = METHODS.get(spec["name"])
+        card_path = ROOT / "Resources" / "Models" / f"{info.weights if info else spec['name']}.json"
+    if not card_path.is_file():
+        return f"{spec['name']} (model card {card_path.name} not found)"
+    card = json.loads(card_path.read_text())
+    shape = "x".join(str(n) for n in card["training"]["shape"])
+    sps = card.get("training_log", {}).get("seconds_per_step")
+    return (f"{card.get('network', spec['name'])}, {card['iterations']} steps at {shape}, lr {card['training']['lr']}"
+            + (f", {sps:.2f} s/step on {card.get('threads')} thread(s)" if sps else "")
+            + ("" if spec.get("weights") else " (shipped)"))
 
 
 def equal_budget_section(lines):
@@ -125,15 +134,14 @@ def equal_budget_section(lines):
             configs.append(r["config"])
     lines += ["## Equal training budget: attention and anatomy embeddings vs the plain U-Net (issues 4, 5)", "",
               f"Results file: `{path.relative_to(ROOT)}` (quick run, {data['machine'].get('cpu_count', '?')} CPU cores, "
-              f"{data['machine'].get('threads', 1) if isinstance(data['machine'], dict) else 1} thread per run; "
+              f"{data['machine'].get('threads', 1)} thread per run; "
               f"`+refine` = {data['refine_steps']} instance-optimisation steps, the same for all). The baselines were "
               "trained with `deepreg train voxelmorph --shape 48 48 48 --lr 5e-4 --label-weight 1 --real-dir "
               "oasis_unlabeled --real-fraction 0.5 --seed 0`, the settings of the new methods, and exported at 600 "
               "and 1600 steps (`benchmarks/models/`).", ""]
     for c in configs:
-        base = c.replace("+refine", "")
-        if base in EQUAL_BUDGET_NOTES and not c.endswith("+refine"):
-            lines.append(f"- `{c}`: {EQUAL_BUDGET_NOTES[base]}")
+        if not c.endswith("+refine") and c in data.get("configs", {}):
+            lines.append(f"- `{c}`: {_budget_note(data['configs'][c])}")
     lines.append("")
     head = "| configuration | " + " | ".join(f"{d} Dice | {d} EPE (mm)" for d in datasets) + " | folding % (max) | SDlogJ (max) | CPU s (mean) |"
     lines += [head, "|" + "---|" * (1 + 2 * len(datasets) + 3)]

@@ -2,8 +2,8 @@
 
     python benchmarks/r2n2_study.py [--quick]
 
-On synthetic known-answer pairs (2 mm voxels) of two kinds, R2N2 runs on its network grid with a fixed number of local deformations ``T`` (adaptive stop off) and with the adaptive
-stop; each run reports the endpoint error (mm, inside the fixed label map's foreground), the mean
+On synthetic known-answer pairs (2 mm voxels) of two kinds, R2N2 runs on its network grid with
+a fixed number of local deformations ``T`` (adaptive stop off) and with the adaptive stop; each run reports the endpoint error (mm, inside the fixed label map's foreground), the mean
 label Dice, the steps used and the number of parameters describing the transformation (each local
 deformation: centre 3, rotation 3 degrees of freedom, widths 3, weight 3 = 12 numbers). The paper's compactness
 comparison: a SimpleITK B-spline registration (``BSplineTransformInitializer`` mesh ``m``, LBFGS-B,
@@ -143,36 +143,36 @@ def main(argv=None) -> int:
     meshes: List[int] = args.meshes or ([2, 4] if args.quick else [2, 4, 6, 8])
     rows = []
     for kind in args.kinds:
-      for i in range(1 if args.quick else args.pairs):
-        fixed, moving, fixed_labels, moving_labels, u_gt = make_pair(kind, 30_000 + i)
-        mask = (fixed_labels[0, 0] > 0)
-        zero = torch.zeros_like(u_gt)
-        row = {"kind": kind, "pair": i, "identity": {"epe_mm": _epe_mm(zero, u_gt, mask),
-                                                     "dice": _dice(fixed_labels, moving_labels, zero)},
-               "r2n2": [], "bspline": []}
-        for t in steps_list + ["adaptive"]:
-            opts = ({"max_steps": max(steps_list) * 2, "stop_threshold": 0.01} if t == "adaptive"
-                    else {"max_steps": t, "stop_threshold": 0})
-            method = create_method("r2n2", "cpu", sequence=False, weights=args.weights, **opts)
-            t0 = time.perf_counter()
-            res = method.run(fixed, moving, grid, RunContext())
-            sec = time.perf_counter() - t0
-            row["r2n2"].append({"setting": t, "steps_used": res.info["steps_used"],
-                                "parameters": res.info["transformation_parameters"],
-                                "epe_mm": _epe_mm(res.displacement, u_gt, mask),
-                                "dice": _dice(fixed_labels, moving_labels, res.displacement),
-                                "seconds": sec})
-            print(f"{kind} pair {i} r2n2 {t}: {row['r2n2'][-1]}", flush=True)
-        for mesh in meshes:
-            u, n, sec = bspline(fixed, moving, grid, mesh)
-            row["bspline"].append({"mesh": mesh, "parameters": n, "epe_mm": _epe_mm(u, u_gt, mask),
-                                   "dice": _dice(fixed_labels, moving_labels, u), "seconds": sec})
-            print(f"{kind} pair {i} bspline {mesh}: {row['bspline'][-1]}", flush=True)
-        best = min(row["r2n2"], key=lambda e: e["epe_mm"])
-        row["compactness"] = {"r2n2_setting": best["setting"], "r2n2_parameters": best["parameters"],
-                              "r2n2_epe_mm": best["epe_mm"],
-                              "bspline_parameters_equal_epe": equal_accuracy_parameters(best["epe_mm"], row["bspline"])}
-        rows.append(row)
+        for i in range(1 if args.quick else args.pairs):
+            fixed, moving, fixed_labels, moving_labels, u_gt = make_pair(kind, 30_000 + i)
+            mask = (fixed_labels[0, 0] > 0)
+            zero = torch.zeros_like(u_gt)
+            row = {"kind": kind, "pair": i, "identity": {"epe_mm": _epe_mm(zero, u_gt, mask),
+                                                         "dice": _dice(fixed_labels, moving_labels, zero)},
+                   "r2n2": [], "bspline": []}
+            for t in steps_list + ["adaptive"]:
+                opts = ({"max_steps": max(steps_list) * 2, "stop_threshold": 0.01} if t == "adaptive"
+                        else {"max_steps": t, "stop_threshold": 0})
+                method = create_method("r2n2", "cpu", sequence=False, weights=args.weights, **opts)
+                t0 = time.perf_counter()
+                res = method.run(fixed, moving, grid, RunContext())
+                sec = time.perf_counter() - t0
+                row["r2n2"].append({"setting": t, "steps_used": res.info["steps_used"],
+                                    "parameters": res.info["transformation_parameters"],
+                                    "epe_mm": _epe_mm(res.displacement, u_gt, mask),
+                                    "dice": _dice(fixed_labels, moving_labels, res.displacement),
+                                    "seconds": sec})
+                print(f"{kind} pair {i} r2n2 {t}: {row['r2n2'][-1]}", flush=True)
+            for mesh in meshes:
+                u, n, sec = bspline(fixed, moving, grid, mesh)
+                row["bspline"].append({"mesh": mesh, "parameters": n, "epe_mm": _epe_mm(u, u_gt, mask),
+                                       "dice": _dice(fixed_labels, moving_labels, u), "seconds": sec})
+                print(f"{kind} pair {i} bspline {mesh}: {row['bspline'][-1]}", flush=True)
+            best = min(row["r2n2"], key=lambda e: e["epe_mm"])
+            row["compactness"] = {"r2n2_setting": best["setting"], "r2n2_parameters": best["parameters"],
+                                  "r2n2_epe_mm": best["epe_mm"],
+                                  "bspline_parameters_equal_epe": equal_accuracy_parameters(best["epe_mm"], row["bspline"])}
+            rows.append(row)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stamp = datetime.date.today().isoformat()

@@ -132,7 +132,7 @@ def augment(batch: Dict[str, torch.Tensor], rng: np.random.Generator, flips: boo
     """Random axis flips of every tensor of the pair (unless ``flips`` is off) and a random swap
     of fixed and moving (both keep the pair's correspondence; no displacement target is used by
     the losses)."""
-    dims = [d for d in (2, 3, 4) if rng.random() < 0.5]
+    dims = [d for d in (2, 3, 4) if rng.random() < 0.5]  # drawn either way: later draws stay the same
     if not flips:
         dims = []
     out = {k: (v.flip(dims) if dims else v) for k, v in batch.items()}
