@@ -180,6 +180,9 @@ def train(args: argparse.Namespace, log: Callable[[str], None] = print) -> Path:
             group["lr"] = args.lr or recipe.lr
         step = int(ckpt["step"])
         log(f"resumed {args.method} from {ckpt_path} at step {step}")
+    elif getattr(args, "init_from", None):
+        step = _start_from_model(model, args, out)
+        log(f"started {args.method} from the weights of {args.init_from} at step {step}")
     if step < args.steps:
         _record_session(out / "config.json", args, step)
     vols = load_real_volumes(args.real_dir, args.real_spacing) if step < args.steps else []
@@ -222,15 +225,42 @@ def train(args: argparse.Namespace, log: Callable[[str], None] = print) -> Path:
     return ckpt_path
 
 
+def _start_from_model(model: nn.Module, args: argparse.Namespace, out: Path) -> int:
+    """Load a trained model file (``NAME.pt`` + card) into ``model`` to go on training it in a
+    new run folder (e.g. the shipped weights, whose own run folder is gone). The step count goes
+    on from the card's ``iterations``; the card's sessions become the run's first sessions and its
+    training log is kept, so the exported card still tells the whole history. The optimiser
+    starts fresh. Returns the starting step."""
+    from .modelio import load_model
+    src = Path(args.init_from)
+    trained, card = load_model(src)
+    if type(trained) is not type(model) or getattr(trained, "config", None) != getattr(model, "config", None):
+        raise BadInputError(
+            f"--init-from {src} holds a {type(trained).__name__} with config {getattr(trained, 'config', None)}; "
+            f"{args.method} builds a {type(model).__name__} with config {getattr(model, 'config', None)}: "
+            "give the model file of this method, trained with the same architecture")
+    model.load_state_dict(trained.state_dict())
+    step = int(card.get("iterations", 0))
+    earlier = [{"from_step": x.get("from_step", 0), "args": dict(x.get("changed", {}), method=args.method)}
+               for x in card.get("sessions", [])]
+    (out / "config.json").write_text(json.dumps({
+        "sessions": earlier,
+        "initialised_from": {"path": str(src), "sha256": card.get("sha256"), "iterations": step,
+                             "training_log": card.get("training_log"),
+                             "earlier": card.get("initialised_from")}}, indent=2, default=str))
+    return step
+
+
 def _record_session(path: Path, args: argparse.Namespace, step: int) -> None:
     """``config.json`` keeps the settings of every session of a run (a resumed run may change
     them, e.g. add a loss term); the model card reports them all."""
-    sessions = []
+    sessions, old = [], {}
     if path.is_file():
         old = json.loads(path.read_text())
         sessions = old.get("sessions", [{"from_step": 0, "args": old}])
     sessions.append({"from_step": step, "args": {k: v for k, v in vars(args).items() if k not in ("func", "current_step")}})
-    path.write_text(json.dumps({"sessions": sessions}, indent=2, default=str))
+    kept = {k: v for k, v in old.items() if k != "sessions"} if "sessions" in old else {}
+    path.write_text(json.dumps({"sessions": sessions, **kept}, indent=2, default=str))
 
 
 def _ensure_header(csv_path: Path, fieldnames: List[str]) -> None:
@@ -298,7 +328,8 @@ def export(model: nn.Module, args: argparse.Namespace, csv_path: Path, step: int
     """Write the model and its card; the card's training settings come from the run folder's
     ``config.json`` (what the run was trained with), not from the exporting command line."""
     cfg_path = Path(args.out) / "config.json"
-    sessions = json.loads(cfg_path.read_text()).get("sessions", []) if cfg_path.is_file() else []
+    run_cfg = json.loads(cfg_path.read_text()) if cfg_path.is_file() else {}
+    sessions = run_cfg.get("sessions", [])
     cfg = sessions[-1]["args"] if sessions else vars(args)
     card = {"method": args.method, "iterations": step, "device": str(cfg.get("device")),
             "threads": cfg.get("threads"),
@@ -314,8 +345,10 @@ def export(model: nn.Module, args: argparse.Namespace, csv_path: Path, step: int
             "sessions": [{"from_step": x["from_step"],
                           "changed": {k: v for k, v in x["args"].items()
                                       if k in ("lr", "label_weight", "reg_weight", "real_fraction", "shape",
-                                               "max_std", "threads", "device", "clip_grad")
+                                               "max_std", "threads", "device", "clip_grad", "init_from")
                                       or k.startswith(args.method + "_")}} for x in sessions]}
+    if run_cfg.get("initialised_from"):
+        card["initialised_from"] = run_cfg["initialised_from"]  # the earlier steps' log and weights
     return save_model(model, args.export, card)
 
 
@@ -343,6 +376,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint-every", type=int, default=25)
     p.add_argument("--log-every", type=int, default=10)
     p.add_argument("--export", default=None, help="write NAME.pt + NAME.json (model card) here at the end")
+    p.add_argument("--init-from", default=None, metavar="MODEL.pt",
+                   help="start a new run from these trained weights (e.g. the shipped ones) and go on "
+                        "counting their steps; ignored when the run folder already has a checkpoint")
     for recipe in RECIPES.values():
         if recipe.add_arguments is not None:
             recipe.add_arguments(p)

@@ -120,3 +120,46 @@ def test_a_resumed_run_uses_the_learning_rate_of_its_own_session(tmp_path):
     ckpt = torch.load(tmp_path / "lr" / "checkpoint.pt", weights_only=True)
     assert ckpt["step"] == 3
     assert all(g["lr"] == pytest.approx(2e-4) for g in ckpt["optimizer"]["param_groups"])
+
+
+def test_a_run_can_start_from_trained_weights_and_keeps_their_history(tmp_path, capsys):
+    """--init-from: a new run folder goes on training a model file (e.g. the shipped weights whose
+    run folder is gone) from its step count, and the exported card keeps the earlier sessions."""
+    _train(tmp_path, 3, "first", extra=("--export", str(tmp_path / "first_model")))
+    first, first_card = load_model(tmp_path / "first_model.pt")
+    # no steps left: the exported weights are the starting weights, unchanged
+    _train(tmp_path, 3, "again", extra=("--init-from", str(tmp_path / "first_model.pt"),
+                                        "--export", str(tmp_path / "again_model")))
+    again, again_card = load_model(tmp_path / "again_model.pt")
+    for k, v in first.state_dict().items():
+        assert torch.equal(v, again.state_dict()[k]), k
+    assert again_card["initialised_from"]["sha256"] == first_card["sha256"]
+    # two more steps, at a new learning rate: the step count goes on, both sessions are on the card
+    _train(tmp_path, 5, "more", extra=("--init-from", str(tmp_path / "first_model.pt"), "--lr", "2e-4",
+                                       "--export", str(tmp_path / "more_model")))
+    ckpt = torch.load(tmp_path / "more" / "checkpoint.pt", weights_only=True)
+    assert ckpt["step"] == 5
+    rows = (tmp_path / "more" / "loss.csv").read_text().strip().splitlines()
+    assert [r.split(",")[0] for r in rows[1:]] == ["4", "5"]
+    card = json.loads((tmp_path / "more_model.json").read_text())
+    assert card["iterations"] == 5
+    assert [s["from_step"] for s in card["sessions"]] == [0, 3]
+    assert card["sessions"][1]["changed"]["lr"] == 2e-4
+    assert card["initialised_from"]["iterations"] == 3
+    assert card["initialised_from"]["training_log"] == first_card["training_log"]
+    assert any(not torch.equal(v, load_model(tmp_path / "more_model.pt")[0].state_dict()[k])
+               for k, v in first.state_dict().items())
+    # rerunning the same command resumes the run folder's checkpoint, not the model file
+    _train(tmp_path, 6, "more", extra=("--init-from", str(tmp_path / "first_model.pt")))
+    assert torch.load(tmp_path / "more" / "checkpoint.pt", weights_only=True)["step"] == 6
+
+
+def test_starting_from_weights_of_another_network_is_refused(tmp_path, capsys):
+    from deepreglib.networks.amdf import LabelAutoEncoder
+    save_model(LabelAutoEncoder(num_classes=3, channels=(4,), latent_channels=2), tmp_path / "ae")
+    args = ["train", "voxelmorph", "--out", str(tmp_path / "run"), "--steps", "2", "--shape", "32", "32", "32",
+            "--threads", "1", "--synth-bank", "2", "--init-from", str(tmp_path / "ae.pt")]
+    assert cli_main(args) != 0
+    err = capsys.readouterr().err
+    assert "LabelAutoEncoder" in err and "VoxelMorph" in err
+    assert not (tmp_path / "run" / "checkpoint.pt").exists()
