@@ -189,6 +189,28 @@ def test_amdf_recipe_uses_the_trained_nets_and_lowers_the_loss(pair, tmp_path):
     assert set(terms) == {"ncc_loss", "ssim_loss", "tv"}
 
 
+def test_going_on_from_a_trained_amdf_keeps_its_segmenter(pair, tmp_path):
+    """``deepreg train amdf --init-from MODEL`` needs no --seg-model: the model carries its own."""
+    from deepreglib.cli import main as cli_main
+    from deepreglib.modelio import load_model
+    torch.manual_seed(3)
+    seg = RoiSegmentationUNet((4, 8))
+    trained = AMDF(seg_channels=[4, 8], seg_classes=2)
+    trained.segmenter.load_state_dict(seg.state_dict())
+    model_path = save_model(trained, tmp_path / "amdf", {"method": "amdf", "iterations": 7})
+    ae_path = save_model(LabelAutoEncoder(), tmp_path / "ae")
+    assert build_amdf(Namespace(seg_model=None, init_from=str(model_path), ae_model=str(ae_path))).config \
+        == trained.config
+    args = ["train", "amdf", "--out", str(tmp_path / "run"), "--steps", "8", "--shape", "32", "32", "32",
+            "--threads", "1", "--synth-bank", "2", "--init-from", str(model_path), "--ae-model", str(ae_path),
+            "--export", str(tmp_path / "more")]
+    assert cli_main(args) == 0
+    more, card = load_model(tmp_path / "more.pt")
+    assert card["iterations"] == 8 and card["initialised_from"]["iterations"] == 7
+    for k, v in seg.state_dict().items():
+        assert torch.equal(more.segmenter.state_dict()[k], v), k
+
+
 def _info():
     return MethodInfo(name="amdf_test", title="AMDF (test)", description="test", kind="deformable",
                       weights=None, implementation="deepreglib.methods.amdf:AmdfMethod")

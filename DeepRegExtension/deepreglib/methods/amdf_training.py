@@ -107,11 +107,19 @@ def frozen_autoencoder(path, device) -> torch.nn.Module:
 
 def build_amdf(args):
     """AMDF with the trained segmentation net from ``--seg-model`` (frozen, saved inside the
-    model); ``--ae-model`` is checked here so a bad path fails before training starts."""
+    model), or, with ``--init-from`` a trained AMDF and no ``--seg-model``, the architecture of
+    that model (its weights, segmenter included, are loaded by the training loop);
+    ``--ae-model`` is checked here so a bad path fails before training starts."""
     from ..networks.amdf import AMDF, RoiSegmentationUNet
     seg_path = getattr(args, "seg_model", None)
+    init_from = getattr(args, "init_from", None)
+    if not seg_path and init_from:  # the trained AMDF carries its frozen segmenter
+        from ..modelio import read_model_card
+        frozen_autoencoder(getattr(args, "ae_model", None), "cpu")
+        return AMDF(**read_model_card(init_from)["config"])
     if not seg_path:
-        raise BadInputError("amdf needs --seg-model: the model file of a trained amdf_seg")
+        raise BadInputError("amdf needs --seg-model: the model file of a trained amdf_seg "
+                            "(or --init-from a trained amdf, which carries its segmenter)")
     seg, _ = load_model(seg_path)
     if not isinstance(seg, RoiSegmentationUNet):
         raise BadInputError(f"--seg-model {seg_path} holds a {type(seg).__name__}, not a RoiSegmentationUNet")
