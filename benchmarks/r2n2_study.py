@@ -40,7 +40,8 @@ from deepreglib.geometry import Grid
 from deepreglib.io import displacement_to_sitk, sitk_to_displacement, tensor_to_image
 from deepreglib.methods.base import RunContext
 from deepreglib.metrics import dice_per_label
-from deepreglib.networks.r2n2_transform import local_deformation, rotation_from_6d
+from deepreglib.methods.r2n2_training import bump_pair_images
+from deepreglib.networks.r2n2_transform import random_local_deformations
 from deepreglib.registry import get_method_info
 from deepreglib.synth import synth_pair
 from deepreglib.warp import warp
@@ -66,25 +67,9 @@ BUMPS = 6
 
 def bumps_pair(seed: int):
     """A known-answer pair in R2N2's transformation class (see the module docstring)."""
-    from deepreglib.synth import labels_to_image
     base = synth_pair(SHAPE, seed=seed, max_std=0.0, same_contrast=True)
-    g = torch.Generator().manual_seed(seed)
-    u = torch.zeros((1, 3) + SHAPE)
-    h = (np.asarray(SHAPE) - 1) / 2.0
-    for _ in range(BUMPS):
-        centre = (torch.rand(1, 3, generator=g) - 0.5)
-        rot = rotation_from_6d(torch.randn(1, 6, generator=g))
-        widths = 0.01 + 0.05 * torch.rand(1, 3, generator=g)
-        weight_vox = (torch.rand(1, 3, generator=g) * 2 - 1) * 4.0
-        weight = weight_vox / torch.as_tensor(h, dtype=torch.float32)
-        u = u + local_deformation(centre, rot, widths, weight, SHAPE)
-    moving_labels = base.moving_labels
-    fixed_labels = warp(moving_labels.float(), u, "nearest").long()
-    gi = torch.Generator().manual_seed(seed + 1)
-    n = int(moving_labels.max()) + 1
-    moving, means = labels_to_image(moving_labels, gi, num_labels=n)
-    fixed, _ = labels_to_image(fixed_labels, gi, intensities=means, num_labels=n)
-    return fixed, moving, fixed_labels, moving_labels, u
+    u = random_local_deformations(SHAPE, BUMPS, torch.Generator().manual_seed(seed))
+    return bump_pair_images(base.moving_labels, u, seed + 1) + (u,)
 
 
 def make_pair(kind: str, seed: int):

@@ -59,6 +59,11 @@ class TrainingRecipe:
     #: ``(args) -> bool``: whether batches get random axis flips (default yes); D-Net learning poses
     #: relative to the scans' own orientation must not see mirrored scans
     flips: Optional[Callable[[argparse.Namespace], bool]] = None
+    #: ``(shape, bank_seed, args) -> batch or None`` replacing :func:`synthetic_batch` for the
+    #: synthetic batches when it returns a batch (e.g. R2N2's curriculum of pairs from its own
+    #: transformation class); it should cache, as :func:`synthetic_batch` does
+    synthetic: Optional[Callable[[Sequence[int], int, argparse.Namespace],
+                                 Optional[Dict[str, torch.Tensor]]]] = None
 
 
 RECIPES: Dict[str, TrainingRecipe] = {}
@@ -152,7 +157,9 @@ def make_batch(step: int, args: argparse.Namespace, vols: List[torch.Tensor]) ->
         batch = make_real(vols, args.shape, rng)
     else:
         bank_seed = args.seed * 100_003 + int(rng.integers(0, max(1, args.synth_bank)))
-        batch = synthetic_batch(args.shape, seed=bank_seed, max_std=args.max_std)
+        batch = recipe.synthetic(args.shape, bank_seed, args) if recipe is not None and recipe.synthetic else None
+        if batch is None:
+            batch = synthetic_batch(args.shape, seed=bank_seed, max_std=args.max_std)
     flips = recipe.flips(args) if recipe is not None and recipe.flips is not None else True
     return augment(batch, rng, flips)
 

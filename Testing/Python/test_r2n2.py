@@ -231,6 +231,29 @@ def test_train_command_uses_amsgrad_and_the_recipe_options(tmp_path):
     assert isinstance(model, R2N2) and not model.training
 
 
+def test_bump_pair_curriculum_draws_pairs_from_the_methods_own_class(tmp_path):
+    """--r2n2-bump-pairs K: the fixed labels are the moving labels pulled through a sum of K local
+    Gaussian deformations (recomputed here from the same draws), and the card records K."""
+    from deepreglib.methods.r2n2_training import bump_batch
+    from deepreglib.networks.r2n2_transform import random_local_deformations
+    shape = (16, 18, 20)
+    args = argparse.Namespace(r2n2_bump_pairs=3, r2n2_bump_voxels=3.0)
+    batch = bump_batch(shape, 11, args)
+    u = random_local_deformations(shape, 3, torch.Generator().manual_seed(11), 3.0)
+    assert 1.0 < float(u.abs().max()) <= 3 * 3.0  # a real deformation, within K bumps' reach
+    expected = warp(batch["moving_labels"].float(), u, "nearest").long()
+    assert torch.equal(batch["fixed_labels"].long(), expected)
+    assert not torch.equal(batch["fixed_labels"], batch["moving_labels"])
+    assert batch["fixed"].shape == (1, 1) + shape and 0 <= float(batch["fixed"].min())
+    assert bump_batch(shape, 11, argparse.Namespace(r2n2_bump_pairs=0)) is None  # off: the smooth generator
+    cmd = ["train", "r2n2", "--out", str(tmp_path / "run"), "--steps", "2", "--shape", "16", "16", "16",
+           "--threads", "1", "--synth-bank", "2", "--r2n2-steps", "2", "--r2n2-bump-pairs", "2",
+           "--export", str(tmp_path / "bumps")]
+    assert cli_main(cmd) == 0
+    card = json.loads((tmp_path / "bumps.json").read_text())
+    assert card["sessions"][0]["changed"]["r2n2_bump_pairs"] == 2
+
+
 # -- outputs --------------------------------------------------------------------------------------
 def oblique_grid(shape=(10, 12, 14)):
     return Grid(shape, (0.9, 1.3, 2.1), (-30.0, 12.5, 4.0), rotation(0.35, -0.2, 0.8).ravel())

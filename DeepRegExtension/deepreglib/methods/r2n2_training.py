@@ -13,15 +13,17 @@ lambda = 0.1, s_max = 0.3, learning rate 1e-4.
 from __future__ import annotations
 
 import argparse
-from typing import Dict, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 
 from ..losses import TotalVariation
 from ..networks.r2n2 import SIMILARITIES, R2N2, dissimilarity
 from ..train import TrainingRecipe, label_dice_term, register_recipe
+from ..warp import warp
 
-DEFAULTS = {"steps": 25, "tv_weight": 0.1, "s_max": 0.3, "similarity": "mse", "weight_noise": 0.1}
+DEFAULTS = {"steps": 25, "tv_weight": 0.1, "s_max": 0.3, "similarity": "mse", "weight_noise": 0.1,
+            "bump_pairs": 0, "bump_voxels": 4.0}
 
 
 def add_r2n2_arguments(p: argparse.ArgumentParser) -> None:
@@ -36,10 +38,52 @@ def add_r2n2_arguments(p: argparse.ArgumentParser) -> None:
                    help="r2n2: image similarity (mse, or ncc = 1 - local NCC)")
     p.add_argument("--r2n2-weight-noise", type=float, default=DEFAULTS["weight_noise"],
                    help="r2n2: std of the multiplicative Gaussian noise on recurrent weights (0: off)")
+    p.add_argument("--r2n2-bump-pairs", type=int, default=DEFAULTS["bump_pairs"], metavar="K",
+                   help="r2n2: synthetic pairs deformed by K random local Gaussian deformations (the "
+                        "method's own transformation class; a curriculum) instead of the smooth "
+                        "generator's (0: off). The loss stays unsupervised.")
+    p.add_argument("--r2n2-bump-voxels", type=float, default=DEFAULTS["bump_voxels"],
+                   help="r2n2: largest weight of a bump-pair deformation per axis, voxels")
 
 
 def _arg(args: argparse.Namespace, name: str):
     return getattr(args, f"r2n2_{name}", DEFAULTS[name])
+
+
+def bump_pair_images(moving_labels: torch.Tensor, displacement: torch.Tensor, seed: int
+                     ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(fixed, moving, fixed_labels, moving_labels)``: the fixed label map is ``moving_labels``
+    pulled through ``displacement`` (so ``fixed = moving o (x + u)``, the engine's convention), both
+    images rendered with the same random per-label intensities (``seed``) and their own
+    acquisition artefacts."""
+    from ..synth import labels_to_image
+    fixed_labels = warp(moving_labels.float(), displacement, "nearest").long()
+    g = torch.Generator().manual_seed(seed)
+    n = int(moving_labels.max()) + 1
+    moving, means = labels_to_image(moving_labels, g, num_labels=n)
+    fixed, _ = labels_to_image(fixed_labels, g, intensities=means, num_labels=n)
+    return fixed, moving, fixed_labels, moving_labels
+
+
+_BUMP_BANK: Dict[Tuple, Dict[str, torch.Tensor]] = {}
+
+
+def bump_batch(shape, bank_seed: int, args: argparse.Namespace) -> Optional[Dict[str, torch.Tensor]]:
+    """The synthetic batch of ``--r2n2-bump-pairs K`` (``None`` when it is 0): a synthetic label
+    image warped by ``K`` random local Gaussian deformations, cached per ``(shape, seed, K, size)``."""
+    from ..networks.r2n2_transform import random_local_deformations
+    from ..synth import synth_pair
+    k, size = int(_arg(args, "bump_pairs")), float(_arg(args, "bump_voxels"))
+    if k <= 0:
+        return None
+    key = (tuple(shape), bank_seed, k, size)
+    if key not in _BUMP_BANK:
+        base = synth_pair(tuple(shape), seed=bank_seed, max_std=0.0, same_contrast=True)
+        u = random_local_deformations(shape, k, torch.Generator().manual_seed(bank_seed), size)
+        fixed, moving, fl, ml = bump_pair_images(base.moving_labels, u, bank_seed + 1)
+        _BUMP_BANK[key] = {"fixed": fixed, "moving": moving, "fixed_labels": fl.to(torch.uint8),
+                           "moving_labels": ml.to(torch.uint8)}
+    return dict(_BUMP_BANK[key])
 
 
 def build_r2n2(args: argparse.Namespace) -> R2N2:
@@ -74,4 +118,4 @@ register_recipe("r2n2", TrainingRecipe(
     description="R2N2 in 3D: mean over the T steps of S(F, M o f_t) (MSE or 1 - local NCC) + "
                 "r2n2_tv_weight * isotropic TV of the final voxel field; Adam with AMSGrad; "
                 "Gaussian DropConnect on the recurrent units",
-    optimizer_options={"amsgrad": True}, add_arguments=add_r2n2_arguments))
+    optimizer_options={"amsgrad": True}, add_arguments=add_r2n2_arguments, synthetic=bump_batch))

@@ -241,3 +241,24 @@ def compactness(steps: int, mesh_size: Sequence[int], order: int = 3) -> dict:
     return {"r2n2_parameters": r2n2, "bspline_parameters": bspline,
             "bspline_mesh_size": [int(m) for m in mesh_size], "bspline_order": int(order),
             "ratio": (bspline / r2n2) if r2n2 else float("inf")}
+
+
+def random_local_deformations(shape: Sequence[int], count: int, generator: torch.Generator,
+                              max_weight_voxels: float = 4.0, width_range: Tuple[float, float] = (0.01, 0.06)
+                              ) -> torch.Tensor:
+    """A sum of ``count`` random local Gaussian deformations, ``(1, 3, D, H, W)`` in voxels: R2N2's
+    own transformation class, for known-answer pairs and training curricula. Centres uniform in
+    the middle half of the image (normalised ``[-0.5, 0.5]``), random axes, widths ``s`` uniform in
+    ``width_range`` (normalised units squared), weights uniform in ``[-max_weight_voxels,
+    max_weight_voxels]`` voxels per axis."""
+    shape = _check_shape(shape)
+    half = (torch.tensor(shape, dtype=torch.float32) - 1) / 2.0
+    u = torch.zeros((1, 3) + shape)
+    lo, hi = width_range
+    for _ in range(count):
+        centre = torch.rand(1, 3, generator=generator) - 0.5
+        rotation = rotation_from_6d(torch.randn(1, 6, generator=generator))
+        widths = lo + (hi - lo) * torch.rand(1, 3, generator=generator)
+        weight = (torch.rand(1, 3, generator=generator) * 2 - 1) * max_weight_voxels / half
+        u = u + local_deformation(centre, rotation, widths, weight, shape)
+    return u
