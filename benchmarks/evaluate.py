@@ -315,7 +315,16 @@ def main(argv=None):
                    help="seconds before one run is stopped and recorded as failed (default: no limit)")
     p.add_argument("--out", default=str(HERE / "results"))
     p.add_argument("--list", action="store_true", help="print the configurations that would run, and exit")
+    p.add_argument("--tag", default=None,
+                   help="write accuracy-DATE-TAG.json instead of accuracy-DATE.json (e.g. equal-budget)")
+    p.add_argument("--update", default=None, metavar="RESULTS.json",
+                   help="rerun the --methods configurations on that file's cases and settings (e.g. after "
+                        "new weights) and replace their rows in it; the other rows stay; the file records "
+                        "each update")
     args = p.parse_args(argv)
+    previous = None
+    if args.update:
+        previous = _load_for_update(args)
     if args.refine is None:
         args.refine = QUICK_REFINE_STEPS if args.quick else REFINE_STEPS
     configs = select({**engine_configs(args.refine), **extra_configs(args.extra, args.refine), **peer_configs()},
@@ -339,7 +348,9 @@ def main(argv=None):
     device_kind = args.device.split(":")[0]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    path = out / (f"accuracy-{stamp}.json" if device_kind == "cpu" else f"accuracy-{stamp}-{device_kind}.json")
+    tag = "" if device_kind == "cpu" else f"-{device_kind}"
+    tag += f"-{args.tag}" if args.tag else ""
+    path = Path(args.update) if args.update else out / f"accuracy-{stamp}{tag}.json"
     results: List[dict] = []
     header = {"date": stamp, "kind": "accuracy", "format": 2, "machine": _machine(args.device, args.threads),
               "quick": args.quick, "refine_steps": args.refine, "configs": {k: dict(c) for k, c in configs.items()},
@@ -372,13 +383,51 @@ def main(argv=None):
                     print(child["traceback"].strip().splitlines()[-1], file=sys.stderr)
                 case_results.append(r)
                 print(_summary_line(r), flush=True)
-            add_peer_ratios(case_results)
+            # an update's runs are timed against the peers already in the file
+            add_peer_ratios(case_results + ([] if previous is None else [
+                r for r in previous["results"] if r["case"] == case["name"] and r["group"] == "peer"
+                and r["config"] not in configs]))
             results.extend(case_results)
             # written after every pair: a long run that is stopped keeps what it measured
-            path.write_text(json.dumps(dict(header, results=results, elapsed_s=time.perf_counter() - t_start),
-                                       indent=1))
-    path.write_text(json.dumps(dict(header, results=results, elapsed_s=time.perf_counter() - t_start), indent=1))
+            _write_results(path, header, results, time.perf_counter() - t_start, previous)
+    _write_results(path, header, results, time.perf_counter() - t_start, previous)
     print(f"wrote {path} ({time.perf_counter() - t_start:.0f} s)")
+
+
+def _load_for_update(args) -> dict:
+    """The results file ``--update`` names, with ``args`` set to its settings (datasets, quick,
+    refinement steps, threads); refuses a run whose configurations are not named."""
+    path = Path(args.update)
+    if not path.is_file():
+        raise SystemExit(f"--update {path}: no such results file")
+    previous = json.loads(path.read_text())
+    if previous.get("format", 1) < 2:
+        raise SystemExit(f"--update {path}: a format-{previous.get('format', 1)} file; only format 2 can be updated")
+    if not args.methods:
+        raise SystemExit("--update needs --methods: the configurations to rerun (e.g. --methods amdf amdf+refine)")
+    args.datasets = sorted({c["dataset"] for c in previous["cases"].values()})
+    args.quick = bool(previous.get("quick"))
+    args.refine = previous.get("refine_steps", args.refine)
+    args.threads = previous.get("machine", {}).get("threads", args.threads)
+    return previous
+
+
+def _write_results(path: Path, header: dict, results: List[dict], elapsed: float, previous: Optional[dict]) -> None:
+    """A new results file, or ``previous`` with the rerun configurations' rows replaced (rows of
+    cases the rerun did not reach yet are kept) and the update recorded."""
+    if previous is None:
+        path.write_text(json.dumps(dict(header, results=results, elapsed_s=elapsed), indent=1))
+        return
+    done = {(r["case"], r["config"]) for r in results}
+    kept = [r for r in previous["results"] if (r["case"], r["config"]) not in done]
+    order = {name: i for i, name in enumerate(previous["cases"])}
+    merged = sorted(kept + results, key=lambda r: order.get(r["case"], len(order)))
+    updated = dict(previous, results=merged, configs={**previous["configs"], **header["configs"]})
+    record = {"date": header["date"], "configs": sorted(header["configs"]), "machine": header["machine"],
+              "elapsed_s": elapsed}
+    updated["updates"] = [u for u in previous.get("updates", []) if u.get("date") != record["date"]
+                          or u.get("configs") != record["configs"]] + [record]
+    path.write_text(json.dumps(updated, indent=1))
 
 
 def _version(dist: str) -> Optional[str]:
