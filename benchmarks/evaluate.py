@@ -420,9 +420,12 @@ def _write_results(path: Path, header: dict, results: List[dict], elapsed: float
         return
     done = {(r["case"], r["config"]) for r in results}
     kept = [r for r in previous["results"] if (r["case"], r["config"]) not in done]
-    order = {name: i for i, name in enumerate(previous["cases"])}
-    merged = sorted(kept + results, key=lambda r: order.get(r["case"], len(order)))
-    updated = dict(previous, results=merged, configs={**previous["configs"], **header["configs"]})
+    configs = {**previous["configs"], **header["configs"]}  # a rerun configuration keeps its place
+    case_order = {name: i for i, name in enumerate(previous["cases"])}
+    config_order = {name: i for i, name in enumerate(configs)}
+    merged = sorted(kept + results, key=lambda r: (case_order.get(r["case"], len(case_order)),
+                                                   config_order.get(r["config"], len(config_order))))
+    updated = dict(previous, results=merged, configs=configs)
     record = {"date": header["date"], "configs": sorted(header["configs"]), "machine": header["machine"],
               "elapsed_s": elapsed}
     updated["updates"] = [u for u in previous.get("updates", []) if u.get("date") != record["date"]
