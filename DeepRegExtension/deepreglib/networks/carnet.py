@@ -87,9 +87,9 @@ class CoAttention3D(nn.Module):
 
     Both attentions are exactly ``scaled_dot_product_attention(q, k, v, scale=1)`` (:func:`attend`),
     so the ``L x L`` matrix is never materialised (torch's fused kernels work block by block);
-    memory is linear in ``L`` (measured on CPU, forward without gradients, for a 160x192x224
-    input, ``L = 107520``: about 210 MB above the inputs, where ``S`` alone would take 44 GB in
-    float32). ``a1``, ``a2`` are learned scalars that start at 0, so an
+    memory is linear in ``L`` (``benchmarks/attention_memory.py``, CPU, forward without gradients,
+    160x192x224 input, ``L = 107520``: 109 MB above the inputs, where ``S`` alone would take 43 GiB
+    in float32). ``a1``, ``a2`` are learned scalars that start at 0, so an
     untrained block passes ``h1(F_mov)``, ``h2(F_fix)`` through and training phases the
     attention in.
     """
