@@ -187,7 +187,23 @@ def main(argv=None):
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", default=str(RESULTS))
+    p.add_argument("--extra", nargs="+", default=[], metavar="NAME=INIT:WEIGHTS",
+                   help="also run the learned initializer INIT (dnet, same-affine) with other weights as NAME")
+    p.add_argument("--update", default=None, metavar="POSE.json",
+                   help="run the methods on that file's angles and add (or replace) their entries in it")
+    p.add_argument("--note", default=None, help="with --update: a sentence appended to the file's notes")
     args = p.parse_args(argv)
+    methods = dict(METHODS)
+    for item in args.extra:
+        name, sep, rest = item.partition("=")
+        init, sep2, weights = rest.partition(":")
+        if not (sep and sep2 and name and init and weights):
+            raise SystemExit(f"--extra needs NAME=INIT:WEIGHTS, got {item!r}")
+        if not Path(weights).is_file():
+            raise SystemExit(f"--extra {item}: no weights file {weights}")
+        methods[name] = (lambda i=init, w=weights: engine_initializer(i, weights=w))
+    names = list(args.methods) + [item.partition("=")[0] for item in args.extra]
+    previous = json.loads(Path(args.update).read_text()) if args.update else None
     torch.set_num_threads(args.threads)
     brain = load_brain()
     if brain is None:
@@ -196,14 +212,16 @@ def main(argv=None):
     img, lab, labels = brain
     centre = np.array(img.TransformContinuousIndexToPhysicalPoint([(s - 1) / 2 for s in img.GetSize()]))
     n = 5 if args.quick else args.angles
+    thetas = (np.radians([r["theta_deg"] for r in previous["rows"]]) if previous
+              else np.linspace(-math.pi, math.pi, n))
     rows = []
-    for theta in np.linspace(-math.pi, math.pi, n):
+    for theta in thetas:
         moving, moving_lab, a = posed_pair(img, lab, float(theta))
         row = {"theta_deg": float(np.degrees(theta)), "dice_before": dice_mean(lab, moving_lab, np.eye(4), labels),
                "methods": {}}
-        for name in args.methods:
+        for name in names:
             try:
-                fn = METHODS[name]()
+                fn = methods[name]()
                 t0 = time.perf_counter()
                 m = fn(img, moving, args.device)
                 wall = time.perf_counter() - t0
@@ -219,6 +237,14 @@ def main(argv=None):
             print(f"theta {row['theta_deg']:7.1f}  {name:20s} rot {r['rotation_error_deg']:6.1f} deg  "
                   f"trans {r['translation_error_mm']:6.1f} mm  dice {r['dice']:.3f}  {wall:5.1f} s", flush=True)
         rows.append(row)
+    if previous is not None:
+        for old_row, new_row in zip(previous["rows"], rows):
+            old_row["methods"].update(new_row["methods"])
+        if args.note:
+            previous["notes"] = (previous.get("notes", "") + " " + args.note).strip()
+        Path(args.update).write_text(json.dumps(previous, indent=1))
+        print(f"updated {args.update}")
+        return 0
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stamp = datetime.date.today().isoformat()
