@@ -292,6 +292,10 @@ def study_sections(lines):
     if pose is not None:
         lines += ["## Rigid and affine alignment over the full rotation range (issue 5)", ""]
         lines += pose_range.markdown_section(pose)
+    small = _latest("affine-range")
+    if small is not None:
+        lines += ["### Learned and iterative affine alignment at moderate rotations (issue 5)", ""]
+        lines += pose_range.markdown_section(small)
     subj = _latest("dnet-subjects")
     if subj is not None:
         lines += ["### D-Net: training subjects under new poses vs an unseen subject", "",

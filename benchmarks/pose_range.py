@@ -184,6 +184,9 @@ def main(argv=None):
     p.add_argument("--angles", type=int, default=11)
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     p.add_argument("--quick", action="store_true", help="5 angles")
+    p.add_argument("--max-angle", type=float, default=180.0,
+                   help="degrees: the angles are linspace(-max, max, --angles) (default the full range)")
+    p.add_argument("--name", default="pose", help="results file prefix: NAME-DATE.json")
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", default=str(RESULTS))
@@ -213,7 +216,7 @@ def main(argv=None):
     centre = np.array(img.TransformContinuousIndexToPhysicalPoint([(s - 1) / 2 for s in img.GetSize()]))
     n = 5 if args.quick else args.angles
     thetas = (np.radians([r["theta_deg"] for r in previous["rows"]]) if previous
-              else np.linspace(-math.pi, math.pi, n))
+              else np.radians(np.linspace(-args.max_angle, args.max_angle, n)))
     rows = []
     for theta in thetas:
         moving, moving_lab, a = posed_pair(img, lab, float(theta))
@@ -248,7 +251,7 @@ def main(argv=None):
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stamp = datetime.date.today().isoformat()
-    path = out / f"pose-{stamp}.json"
+    path = out / f"{args.name}-{stamp}.json"
     path.write_text(json.dumps({"date": stamp, "machine": platform.processor() or platform.machine(),
                                 "threads": args.threads, "device": args.device, "axis": AXIS.tolist(),
                                 "translation_mm": TRANSLATION_MM.tolist(), "rows": rows}, indent=1))
