@@ -231,6 +231,26 @@ def test_train_command_uses_amsgrad_and_the_recipe_options(tmp_path):
     assert isinstance(model, R2N2) and not model.training
 
 
+def test_a_width_floor_keeps_every_gaussian_from_vanishing():
+    from deepreglib.networks.r2n2_transform import widths_from_logits
+    logits = torch.tensor([[-1e4, 0.0, 1e4]])
+    paper = widths_from_logits(logits, 0.3)
+    assert float(paper[0, 0]) < 1e-5 and float(paper[0, 2]) == pytest.approx(0.3, abs=1e-5)
+    floored = widths_from_logits(logits, 0.3, 0.01)
+    assert float(floored[0, 0]) == pytest.approx(0.01, abs=1e-5)
+    assert float(floored[0, 1]) == pytest.approx(0.155, abs=1e-5)
+    assert float(floored[0, 2]) == pytest.approx(0.3, abs=1e-5)
+    with pytest.raises(ValueError, match="s_min"):
+        R2N2(s_max=0.3, s_min=0.3)
+    net = R2N2(channels=(4, 4, 4), res_blocks=0, pooled=2, steps=2, s_min=0.02)
+    with torch.no_grad():
+        net.parameter_net.fc.bias[6:9] = -1e4  # every width logit at -inf
+        net.parameter_net.fc.bias[9:12] = 0.5  # and a non-zero weight
+        out = net(torch.rand(1, 1, 12, 12, 12), torch.rand(1, 1, 12, 12, 12))
+    assert torch.all(out.parameters.widths >= 0.02 - 1e-6)
+    assert float(out.displacement.abs().max()) > 0.1  # the deformation does not vanish
+
+
 def test_bump_pair_curriculum_draws_pairs_from_the_methods_own_class(tmp_path):
     """--r2n2-bump-pairs K: the fixed labels are the moving labels pulled through a sum of K local
     Gaussian deformations (recomputed here from the same draws), and the card records K."""

@@ -259,13 +259,16 @@ class R2N2(nn.Module):
         pooled: gated pooled features per resolution in the parameter network.
         steps: ``T``, the number of local deformations (training; inference may change it).
         s_max: largest variance of a Gaussian along an axis, normalised units squared.
+        s_min: smallest variance (0: the paper's ``sigmoid(.) * s_max``; above 0 keeps training
+            from collapsing every width to zero, where no gradient reaches the heads again).
         weight_noise: std of the multiplicative Gaussian weight noise in training (0: off).
         similarity: the similarity the model is trained with (``"mse"`` or ``"ncc"``); the
             adaptive stop monitors it unless told otherwise.
     """
 
     def __init__(self, channels: Sequence[int] = (16, 32, 32), res_blocks: int = 2, pooled: int = 16,
-                 steps: int = 25, s_max: float = 0.3, weight_noise: float = 0.0, similarity: str = "mse"):
+                 steps: int = 25, s_max: float = 0.3, weight_noise: float = 0.0, similarity: str = "mse",
+                 s_min: float = 0.0):
         super().__init__()
         if len(channels) != 3 or min(channels) < 1:
             raise ValueError(f"channels must be 3 positive numbers (one per resolution), got {channels}")
@@ -273,15 +276,18 @@ class R2N2(nn.Module):
             raise ValueError(f"need steps >= 1, res_blocks >= 0, pooled >= 1; got {steps}, {res_blocks}, {pooled}")
         if not 0 < s_max <= 4.0:
             raise ValueError(f"s_max must be in (0, 4] (normalised units squared), got {s_max}")
+        if not 0 <= s_min < s_max:
+            raise ValueError(f"s_min must be in [0, s_max), got {s_min} with s_max {s_max}")
         if weight_noise < 0:
             raise ValueError(f"weight_noise must be >= 0, got {weight_noise}")
         if similarity not in SIMILARITIES:
             raise ValueError(f"similarity must be one of {SIMILARITIES}, got {similarity!r}")
         self.config = dict(channels=[int(c) for c in channels], res_blocks=int(res_blocks), pooled=int(pooled),
-                           steps=int(steps), s_max=float(s_max), weight_noise=float(weight_noise),
+                           steps=int(steps), s_max=float(s_max), s_min=float(s_min), weight_noise=float(weight_noise),
                            similarity=similarity)
         self.steps = int(steps)
         self.s_max = float(s_max)
+        self.s_min = float(s_min)
         self.weight_noise = float(weight_noise)
         self.similarity = similarity
         ins = [2] + list(channels[:-1])
@@ -311,7 +317,7 @@ class R2N2(nn.Module):
         centre, certainty = self.position(features, fixed.shape[2:], self.strides)
         raw = self.parameter_net(features)
         rotation = rotation_from_6d(raw[:, :6])
-        widths = widths_from_logits(raw[:, 6:9], self.s_max)
+        widths = widths_from_logits(raw[:, 6:9], self.s_max, self.s_min)
         weight = torch.tanh(raw[:, 9:12])
         return centre, rotation, widths, weight, certainty, new_state
 

@@ -111,9 +111,10 @@ def covariance(rotation: torch.Tensor, widths: torch.Tensor) -> torch.Tensor:
     return rotation @ torch.diag_embed(widths) @ rotation.transpose(-1, -2)
 
 
-def widths_from_logits(logits: torch.Tensor, s_max: float) -> torch.Tensor:
-    """``s = sigmoid(logits) * s_max`` (+ :data:`WIDTH_FLOOR`): variances in ``(0, s_max]``."""
-    return torch.sigmoid(logits) * s_max + WIDTH_FLOOR
+def widths_from_logits(logits: torch.Tensor, s_max: float, s_min: float = 0.0) -> torch.Tensor:
+    """``s = s_min + sigmoid(logits) * (s_max - s_min)`` (+ :data:`WIDTH_FLOOR`): variances in
+    ``(s_min, s_max]``; ``s_min = 0`` is the paper's ``sigmoid(.) * s_max``."""
+    return s_min + torch.sigmoid(logits) * (s_max - s_min) + WIDTH_FLOOR
 
 
 # -- the deformation field -------------------------------------------------------------------------
