@@ -240,6 +240,10 @@ def _start_from_model(model: nn.Module, args: argparse.Namespace, out: Path) -> 
     starts fresh. Returns the starting step."""
     from .modelio import load_model
     src = Path(args.init_from)
+    stale = [name for name in ("config.json", "loss.csv") if (out / name).exists()]
+    if stale:
+        raise BadInputError(f"--init-from starts a new run, but {out} already holds {', '.join(stale)} of another "
+                            "run (and no checkpoint): give a new --out folder")
     trained, card = load_model(src)
     if type(trained) is not type(model) or getattr(trained, "config", None) != getattr(model, "config", None):
         raise BadInputError(

@@ -163,3 +163,12 @@ def test_starting_from_weights_of_another_network_is_refused(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "LabelAutoEncoder" in err and "VoxelMorph" in err
     assert not (tmp_path / "run" / "checkpoint.pt").exists()
+    # a folder with another run's log (but no checkpoint) is not overwritten
+    _train(tmp_path, 2, "vm", extra=("--export", str(tmp_path / "vm_model")))
+    (tmp_path / "vm" / "checkpoint.pt").unlink()
+    log = (tmp_path / "vm" / "loss.csv").read_text()
+    args[3] = str(tmp_path / "vm")
+    args[-1] = str(tmp_path / "vm_model.pt")
+    assert cli_main(args) != 0
+    assert "new --out" in capsys.readouterr().err
+    assert (tmp_path / "vm" / "loss.csv").read_text() == log
