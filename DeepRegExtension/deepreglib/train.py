@@ -64,6 +64,9 @@ class TrainingRecipe:
     #: transformation class); it should cache, as :func:`synthetic_batch` does
     synthetic: Optional[Callable[[Sequence[int], int, argparse.Namespace],
                                  Optional[Dict[str, torch.Tensor]]]] = None
+    #: ``(run args as a dict) -> entries`` added to the exported model card (e.g. D-Net's
+    #: ``grid_direction``, the orientation its real scans were seen in)
+    card_entries: Optional[Callable[[Dict[str, object]], Dict[str, object]]] = None
 
 
 RECIPES: Dict[str, TrainingRecipe] = {}
@@ -92,6 +95,26 @@ def load_real_volumes(folder: Optional[str], spacing_mm: float = 2.0) -> List[to
     if not vols:
         raise BadInputError(f"no NIfTI volumes (*.nii, *.nii.gz) in {folder}")
     return vols
+
+
+def scan_direction(folder: str) -> Optional[List[float]]:
+    """The direction (row-major, as SimpleITK's ``GetDirection``) shared by every NIfTI scan in
+    ``folder``, read from the headers; ``None`` if there are none. :func:`load_real_volumes`
+    gives the scans as their voxel arrays, so this is the anatomical orientation a network
+    trained on them saw. Raises :class:`BadInputError` when the scans disagree."""
+    import SimpleITK as sitk
+    found = {}
+    for p in sorted(Path(folder).glob("*.nii*")):
+        reader = sitk.ImageFileReader()
+        reader.SetFileName(str(p))
+        reader.ReadImageInformation()
+        found[p.name] = tuple(round(float(v), 6) for v in reader.GetDirection())
+    if not found:
+        return None
+    if len(set(found.values())) > 1:
+        raise BadInputError(f"the scans in {folder} are stored in different orientations ({found}); "
+                            "resample them to one direction first (e.g. SimpleITK.DICOMOrient)")
+    return [float(v) for v in next(iter(found.values()))]
 
 
 def _rng(seed: int, step: int) -> np.random.Generator:
@@ -360,6 +383,8 @@ def export(model: nn.Module, args: argparse.Namespace, csv_path: Path, step: int
                                       or k.startswith(args.method + "_")}} for x in sessions]}
     if run_cfg.get("initialised_from"):
         card["initialised_from"] = run_cfg["initialised_from"]  # the earlier steps' log and weights
+    if RECIPES[args.method].card_entries is not None:
+        card.update(RECIPES[args.method].card_entries(dict(cfg)))
     return save_model(model, args.export, card)
 
 

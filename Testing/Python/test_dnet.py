@@ -391,3 +391,65 @@ def test_anatomy_variation_is_off_by_default_and_keeps_the_scan_recognisable():
     assert 1e-4 < diff < 0.5 * float(vol.abs().mean())  # changed, but the same object
     com = lambda v: (torch.nonzero(v[0, 0] > 0.5).double().mean(0))  # noqa: E731
     assert float((com(varied) - com(vol)).norm()) < 2.0  # about the centre: no pose change
+
+
+OASIS_DIRECTION = (1.0, 0.0, 0.0, 0.0, 0.0, -1.0, 0.0, -1.0, 0.0)  # the real training scans'
+
+
+def test_the_cube_faces_the_training_orientation_whatever_the_files_voxel_order(tmp_path):
+    """One physical scene stored in two voxel orders (identity direction, and the OASIS scans'
+    direction, which is a reflection of it) must reach the network as the same tensors, and give
+    the same physical pose; the cube faces the card's grid_direction."""
+    r, t = rotation_matrix((1.0, 0.0, 1.0), 0.9), np.array([0.05, -0.1, 0.0])
+    path = save_model(_pinned_dnet(r, t), tmp_path / "dnet", card={"grid_direction": list(OASIS_DIRECTION)})
+    d = np.asarray(OASIS_DIRECTION).reshape(3, 3)
+    a = Grid((20, 22, 18), (2.0, 2.0, 2.0), (-18.0, -20.0, -16.0), tuple(np.eye(3).ravel()))
+    # b covers the same box: its index axes run along +x, -z, -y
+    corner = a.index_to_physical(np.zeros(3))
+    far = a.index_to_physical(np.asarray(a.shape, float) - 1)
+    b_origin = (corner[0], far[1], far[2])  # first voxel at max y and max z
+    b = Grid((a.shape[1], a.shape[0], a.shape[2]), (2.0, 2.0, 2.0), b_origin, OASIS_DIRECTION)
+    assert np.allclose(b.index_to_physical(np.asarray(b.shape, float) - 1), (far[0], corner[1], corner[2]))
+
+    def scene(grid, centre):
+        pts = voxel_grid_points(grid, torch.float64)[0].permute(1, 2, 3, 0).numpy()
+        return torch.as_tensor(_blob(pts, centre), dtype=torch.float32)[None, None]
+
+    mats = [dnet_initializer(scene(g, (2.0, -3.0, 1.0)), g, scene(g, (-1.0, 2.0, 0.0)), g, weights=path)
+            for g in (a, b)]
+    assert np.allclose(mats[0], mats[1], atol=1e-6)
+    method = DNetMethod(None, "cpu", weights=path)
+    cube = method.grid_for(a)
+    assert np.allclose(np.asarray(cube.direction).reshape(3, 3), d)
+    assert np.allclose(cube.index_to_physical((np.asarray(cube.shape) - 1) / 2.0),
+                       a.index_to_physical((np.asarray(a.shape) - 1) / 2.0))
+    seen = [resample_to_grid(scene(g, (2.0, -3.0, 1.0)), g, cube) for g in (a, b)]
+    assert float(seen[0].abs().max()) > 0.5
+    assert float((seen[0] - seen[1]).abs().max()) < 1e-3
+    # an identity-direction cube shows the same scene mirrored: not what the network learned
+    mirrored = resample_to_grid(scene(a, (2.0, -3.0, 1.0)), a, dnet_grid(cube.index_to_physical(
+        (np.asarray(cube.shape) - 1) / 2.0), cube.shape[0], cube.spacing[0]))
+    assert float((mirrored - seen[0]).abs().max()) > 0.3
+    with pytest.raises(ValueError, match="grid_direction"):
+        from deepreglib.methods.dnet import cube_direction
+        cube_direction({"grid_direction": [1, 0, 0, 0, 2, 0, 0, 0, 1]})
+
+
+def test_dnet_training_records_the_orientation_of_its_real_scans(tmp_path):
+    import SimpleITK as sitk
+    from deepreglib.errors import BadInputError
+    from deepreglib.train import RECIPES, scan_direction
+    folder = tmp_path / "scans"
+    folder.mkdir()
+    for i in range(2):
+        img = sitk.GetImageFromArray(np.random.rand(6, 7, 8).astype(np.float32))
+        img.SetDirection(OASIS_DIRECTION)
+        sitk.WriteImage(img, str(folder / f"s{i}.nii.gz"))
+    assert scan_direction(str(folder)) == list(OASIS_DIRECTION)
+    entries = RECIPES["dnet"].card_entries({"real_dir": str(folder)})
+    assert entries["grid_direction"] == list(OASIS_DIRECTION)
+    assert RECIPES["dnet"].card_entries({"real_dir": None})["grid_direction"] == list(np.eye(3).ravel())
+    odd = sitk.GetImageFromArray(np.random.rand(6, 7, 8).astype(np.float32))
+    sitk.WriteImage(odd, str(folder / "s2.nii.gz"))  # identity direction
+    with pytest.raises(BadInputError, match="different orientations"):
+        scan_direction(str(folder))

@@ -251,6 +251,42 @@ def test_a_width_floor_keeps_every_gaussian_from_vanishing():
     assert float(out.displacement.abs().max()) > 0.1  # the deformation does not vanish
 
 
+def test_a_local_readout_reads_the_features_at_the_centre(tmp_path):
+    from deepreglib.networks.r2n2 import ParameterNetwork, level_coordinates
+    full, strides = (16, 16, 16), [2, 4, 8]
+    net = ParameterNetwork([2, 2, 2], pooled=1, readout_radius=1e-3)
+    with torch.no_grad():
+        for conv in net.convs:  # gate 0 everywhere, value = the feature's channel 0
+            conv.weight.zero_(); conv.bias.zero_()
+            conv.weight[1, 0, 1, 1, 1] = 1.0
+        net.fc.weight.zero_(); net.fc.bias.zero_()
+        net.fc.weight[:3, :3] = torch.eye(3)  # outputs 0..2: the pooled value per level
+    g = torch.Generator().manual_seed(0)
+    features = [torch.rand(1, 2, n, n, n, generator=g) for n in (8, 4, 2)]
+    coarse = level_coordinates(full, (2, 2, 2), 8)
+    centre = coarse[5:6]  # a voxel of the coarsest map, which lies on the finer maps' grids too
+    out = net(features, centre, full, strides)
+    for level, (feat, stride) in enumerate(zip(features, strides)):
+        grid = level_coordinates(full, feat.shape[2:], stride)
+        v = int(((grid - centre) ** 2).sum(-1).argmin())
+        assert float(out[0, level]) == pytest.approx(float(feat[0, 0].flatten()[v]), abs=1e-5)
+    # without a window the same network pools the mean over the whole map (the paper's readout)
+    net.readout_radius = 0.0
+    out = net(features)
+    for level, feat in enumerate(features):
+        assert float(out[0, level]) == pytest.approx(float(feat[0, 0].mean()), abs=1e-5)
+    with pytest.raises(ValueError, match="centre"):
+        ParameterNetwork([2, 2, 2], pooled=1, readout_radius=0.2)(features)
+    with pytest.raises(ValueError, match="readout_radius"):
+        R2N2(readout_radius=-1.0)
+    # an untrained network with the window is still the identity, and its radius is saved with it
+    model = R2N2(channels=(4, 4, 4), res_blocks=0, pooled=2, steps=2, readout_radius=0.25)
+    x = torch.rand(1, 1, 12, 12, 12, generator=g)
+    assert float(model(x, x.flip(2)).displacement.abs().max()) < 0.05
+    save_model(model, tmp_path / "m.pt")
+    assert load_model(tmp_path / "m.pt")[0].parameter_net.readout_radius == 0.25
+
+
 def test_bump_pair_curriculum_draws_pairs_from_the_methods_own_class(tmp_path):
     """--r2n2-bump-pairs K: the fixed labels are the moving labels pulled through a sum of K local
     Gaussian deformations (recomputed here from the same draws), and the card records K."""

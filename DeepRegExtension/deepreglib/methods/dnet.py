@@ -8,21 +8,31 @@ Network-normalised coordinates (what :class:`~deepreglib.networks.dnet.DNet` pre
     ``(x, y, z)``. One scalar for all axes keeps a rotation of ``x_n`` a rotation of voxels.
 
 From normalised coordinates to millimetres
-    The grids built here (:func:`dnet_grid`) are axis-aligned (identity direction) and
-    isotropic with spacing ``s`` mm, so with ``p_c`` the grid centre (LPS mm)::
+    The grids built here (:func:`dnet_grid`) are isotropic with spacing ``s`` mm and have one
+    fixed direction ``D`` (:func:`cube_direction`), so with ``p_c`` the grid centre (LPS mm)::
 
-        p = p_c + s * h * (x_n[2], x_n[1], x_n[0])      # (x, y, z) = reversed (k, j, i)
+        p = p_c + s * h * D @ (x_n[2], x_n[1], x_n[0])      # (x, y, z) = reversed (k, j, i)
 
     i.e. ``P = grid.index_to_physical_matrix @ [[h I, c], [0, 1]]`` (:func:`normalized_to_physical`).
     A prediction ``T x_n = R x_n + t`` becomes the LPS matrix ``A = P_moving T P_fixed^-1``
     (fixed point -> moving point, ITK's resampling direction), a rigid map because both grids
-    share ``s`` and the identity direction.
+    share ``s`` and ``D``.
+
+Which way the cube faces
+    D-Net learns poses relative to the orientation its real training scans had *as tensors*
+    (the fixed view keeps it), so the cube must show every input in that anatomical orientation,
+    whatever voxel order its file uses. Both images are resampled in physical space onto a cube
+    whose direction is the training scans' direction, recorded in the model card as
+    ``grid_direction`` (the OASIS scans': ``(1, 0, 0, 0, 0, -1, 0, -1, 0)``, so tensor axes
+    ``(k, j, i)`` run anterior, inferior, left). A card without it gets the identity (LPS axes).
+    With the identity the shipped network would see every brain mirrored (that direction has
+    determinant -1 relative to the identity) and fail at any angle.
 """
 from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
-from typing import Sequence, Tuple
+from typing import Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -37,13 +47,29 @@ from .base import Method, MethodResult, RunContext
 WEIGHTS_STEM = "dnet"
 
 
-def dnet_grid(centre_lps: Sequence[float], size: int, spacing: float) -> Grid:
-    """Cubic ``size^3`` grid, identity direction, ``spacing`` mm, centred on ``centre_lps``."""
+def cube_direction(card: Optional[dict]) -> Tuple[float, ...]:
+    """The network cube's direction (9 numbers, row-major, as SimpleITK's ``GetDirection``): the
+    model card's ``grid_direction``, or the identity when it names none. Raises ``ValueError``
+    for a card entry that is not 9 numbers of an orthonormal matrix."""
+    d = (card or {}).get("grid_direction")
+    if d is None:
+        return tuple(float(v) for v in np.eye(3).ravel())
+    m = np.asarray(d, dtype=np.float64)
+    if m.size != 9 or not np.allclose(m.reshape(3, 3) @ m.reshape(3, 3).T, np.eye(3), atol=1e-6):
+        raise ValueError(f"model card grid_direction must be 9 numbers of an orthonormal matrix, got {d}")
+    return tuple(float(v) for v in m.ravel())
+
+
+def dnet_grid(centre_lps: Sequence[float], size: int, spacing: float,
+              direction: Optional[Sequence[float]] = None) -> Grid:
+    """Cubic ``size^3`` grid, ``spacing`` mm, centred on ``centre_lps``, with ``direction``
+    (row-major 3x3; default the identity)."""
     if size < 2 or spacing <= 0:
         raise ValueError(f"need size >= 2 and spacing > 0, got {size}, {spacing}")
+    d = np.eye(3) if direction is None else np.asarray(direction, dtype=np.float64).reshape(3, 3)
     half = spacing * (size - 1) / 2.0
-    origin = tuple(float(c) - half for c in centre_lps)
-    return Grid((size, size, size), (spacing,) * 3, origin, tuple(np.eye(3).ravel()))
+    origin = np.asarray(centre_lps, dtype=np.float64) - d @ np.full(3, half)
+    return Grid((size, size, size), (spacing,) * 3, tuple(float(v) for v in origin), tuple(float(v) for v in d.ravel()))
 
 
 def grid_centre(grid: Grid) -> np.ndarray:
@@ -133,6 +159,7 @@ class DNetMethod(Method):
         self.model, card = load_dnet(path, self.device)
         self.weights_path = str(path)
         self.weights_sha256 = card["sha256"]
+        self.direction = cube_direction(card)
         self.query_point = None if query_point is None else np.asarray(query_point, dtype=np.float64)
         if self.query_point is not None and self.query_point.shape != (3,):
             raise ValueError(f"query_point must be (x, y, z), got {self.query_point.shape}")
@@ -140,7 +167,7 @@ class DNetMethod(Method):
 
     def grid_for(self, fixed: Grid) -> Grid:
         size = self.model.input_size
-        return dnet_grid(grid_centre(fixed), size, longest_side_mm(fixed) / size)
+        return dnet_grid(grid_centre(fixed), size, longest_side_mm(fixed) / size, self.direction)
 
     def run(self, fixed, moving, grid: Grid, ctx: RunContext) -> MethodResult:
         ctx.check()
@@ -169,7 +196,8 @@ class DNetMethod(Method):
 
 def dnet_initializer(fixed, fixed_grid: Grid, moving, moving_grid: Grid, device="cpu",
                      progress=None, cancel=None, weights=None, **_) -> np.ndarray:
-    """``--init dnet``: each image on its own D-Net cube (centred on it, both at the spacing
+    """``--init dnet``: each image on its own D-Net cube (centred on it, facing the model card's
+    :func:`cube_direction`, both at the spacing
     that fits the *fixed* image's longest side in the cube, as in training, where the moving
     view is the fixed cube moved: a larger moving scan is cut to that field of view rather than
     shrunk), one forward pass, the pose as an LPS 4x4 (fixed -> moving).
@@ -177,14 +205,15 @@ def dnet_initializer(fixed, fixed_grid: Grid, moving, moving_grid: Grid, device=
     ``fixed``/``moving`` are ``(1, 1, D, H, W)`` on their grids; ``weights`` a ``.pt`` path
     (default ``Resources/Models/dnet.pt``)."""
     path = weights or (models_dir() / f"{WEIGHTS_STEM}.pt")
-    model, _ = load_dnet(path, device)
+    model, card = load_dnet(path, device)
+    direction = cube_direction(card)
     if cancel is not None and cancel():
         from ..errors import CancelledError
         raise CancelledError("initial alignment cancelled")
     size = model.input_size
     spacing = longest_side_mm(fixed_grid) / size
-    f_net = dnet_grid(grid_centre(fixed_grid), size, spacing)
-    m_net = dnet_grid(grid_centre(moving_grid), size, spacing)
+    f_net = dnet_grid(grid_centre(fixed_grid), size, spacing, direction)
+    m_net = dnet_grid(grid_centre(moving_grid), size, spacing, direction)
     f = resample_to_grid(normalize_intensity(torch.as_tensor(fixed).float().reshape(1, 1, *fixed_grid.shape)),
                          fixed_grid, f_net).to(device)
     m = resample_to_grid(normalize_intensity(torch.as_tensor(moving).float().reshape(1, 1, *moving_grid.shape)),

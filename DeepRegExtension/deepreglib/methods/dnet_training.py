@@ -41,7 +41,7 @@ import torch
 
 from ..networks.dnet import rotation_to_sixd
 from ..synth import random_rigid, rigid_matrix
-from ..train import TrainingRecipe, register_recipe
+from ..train import TrainingRecipe, register_recipe, scan_direction
 from .training_draws import batch_generator, sample_through, uniform_draw
 
 MAX_TRANSLATION_FRACTION = 0.25
@@ -189,10 +189,20 @@ def _loss(model, batch, args):
                    "max_angle_deg": math.degrees(max_angle)}
 
 
+def _card_entries(cfg) -> dict:
+    """``grid_direction``: the orientation of the real scans (as the network saw them), so that
+    inference shows every input to the network in that orientation (:func:`~deepreglib.methods.
+    dnet.cube_direction`); the identity when there were no real scans (synthetic volumes have
+    no anatomy to orient)."""
+    d = scan_direction(str(cfg["real_dir"])) if cfg.get("real_dir") else None
+    return {"grid_direction": d if d is not None else [float(v) for v in np.eye(3).ravel()]}
+
+
 register_recipe("dnet", TrainingRecipe(
     build=_build, loss=_loss, lr=1e-4, terms=("translation_loss", "rotation_loss", "max_angle_deg"),
     add_arguments=add_dnet_arguments, real_batch=whole_volume_batch,
     flips=lambda args: _arg(args, "fixed_pose") == "random",
+    card_entries=_card_entries,
     description="D-Net supervised rigid pose: one volume under a random rigid pose (angle uniform in "
                 "(-pi, pi) about a uniform axis, translation up to 1/4 extent), intensity scale 0.95-1.05 "
                 "and noise; loss 0.5|t-t^|^2/(|t|^2+0.01) + 0.5|r6-r^6|^2 (normalised units)"))

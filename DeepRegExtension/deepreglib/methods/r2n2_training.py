@@ -23,7 +23,7 @@ from ..train import TrainingRecipe, label_dice_term, register_recipe
 from ..warp import warp
 
 DEFAULTS = {"steps": 25, "tv_weight": 0.1, "s_max": 0.3, "s_min": 0.0, "similarity": "mse", "weight_noise": 0.1,
-            "bump_pairs": 0, "bump_voxels": 4.0}
+            "bump_pairs": 0, "bump_voxels": 4.0, "readout_radius": 0.0}
 
 
 def add_r2n2_arguments(p: argparse.ArgumentParser) -> None:
@@ -36,6 +36,9 @@ def add_r2n2_arguments(p: argparse.ArgumentParser) -> None:
                    help="r2n2: largest Gaussian variance per axis (normalised units squared)")
     p.add_argument("--r2n2-s-min", type=float, default=DEFAULTS["s_min"],
                    help="r2n2: smallest Gaussian variance per axis (0: the paper's parameterisation)")
+    p.add_argument("--r2n2-readout-radius", type=float, default=DEFAULTS["readout_radius"],
+                   help="r2n2: read each deformation's shape and weight from the features within this "
+                        "radius (normalised units) of its centre (0: pool the whole image, the paper)")
     p.add_argument("--r2n2-similarity", choices=SIMILARITIES, default=DEFAULTS["similarity"],
                    help="r2n2: image similarity (mse, or ncc = 1 - local NCC)")
     p.add_argument("--r2n2-weight-noise", type=float, default=DEFAULTS["weight_noise"],
@@ -90,7 +93,7 @@ def bump_batch(shape, bank_seed: int, args: argparse.Namespace) -> Optional[Dict
 
 def build_r2n2(args: argparse.Namespace) -> R2N2:
     return R2N2(steps=_arg(args, "steps"), s_max=_arg(args, "s_max"), s_min=_arg(args, "s_min"),
-                weight_noise=_arg(args, "weight_noise"),
+                weight_noise=_arg(args, "weight_noise"), readout_radius=_arg(args, "readout_radius"),
                 similarity=_arg(args, "similarity"))
 
 

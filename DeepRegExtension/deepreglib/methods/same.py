@@ -242,15 +242,29 @@ def write_same_outputs(result: SAMEResult, folder, net_grid: Grid, fixed_grid: G
     return written
 
 
+def _facing_grid(image: Grid, direction, spacing: float, divisor: int) -> Grid:
+    """Isotropic grid with ``direction`` (row-major 3x3) and ``spacing`` that covers ``image``
+    (its corner voxels' boxes, projected on the new axes), centred on it; sizes rounded up to a
+    multiple of ``divisor``."""
+    d = np.asarray(direction, dtype=np.float64).reshape(3, 3)
+    centre = image.index_to_physical((np.asarray(image.shape, dtype=np.float64) - 1) / 2)
+    along = (image.corners() - centre) @ d  # (8, 3): corner coordinates on the new (x, y, z) axes
+    extent = 2 * np.abs(along).max(0) + spacing
+    sizes = [max(divisor, int(np.ceil(e / spacing / divisor - 1e-6)) * divisor) for e in extent]
+    g = Grid(tuple(reversed(sizes)), (spacing,) * 3, (0.0, 0.0, 0.0), tuple(d.ravel()))
+    origin = centre - g.index_to_physical((np.asarray(g.shape, dtype=np.float64) - 1) / 2)
+    return Grid(g.shape, g.spacing, tuple(float(v) for v in origin), g.direction)
+
+
 def _embed_on_own_grids(sam, fixed, fixed_grid: Grid, moving, moving_grid: Grid, max_size: int, device):
-    """Each image on an isotropic grid of its own (SAME's network grid), one common spacing."""
+    """Each image on an isotropic grid of its own (SAME's network grid), one common spacing, both
+    facing the *fixed* image's direction: SAM compares embeddings of the two views, and a moving
+    file stored in another voxel order (say RAS against LPS, a reflection) would otherwise be seen
+    mirrored, which SAM never learned to match."""
     g_f = network_grid(fixed_grid, max_size, sam.divisor)
     g_m = network_grid(moving_grid, max_size, sam.divisor)
     s = max(g_f.spacing[0], g_m.spacing[0])
-    grids = []
-    for g in (fixed_grid, moving_grid):
-        sizes = [max(sam.divisor, int(np.ceil(e / s / sam.divisor - 1e-6)) * sam.divisor) for e in g.extent_mm]
-        grids.append(g.centered_like(tuple(reversed(sizes)), (s, s, s)))
+    grids = [_facing_grid(g, fixed_grid.direction, s, sam.divisor) for g in (fixed_grid, moving_grid)]
     out = []
     for img, g, net in ((fixed, fixed_grid, grids[0]), (moving, moving_grid, grids[1])):
         t = normalize_intensity(torch.as_tensor(img).float().reshape(1, 1, *g.shape))

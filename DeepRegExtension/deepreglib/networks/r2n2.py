@@ -175,9 +175,10 @@ class ParameterNetwork(nn.Module):
     space; one fully connected layer on the concatenation gives :data:`RAW_PARAMETERS` numbers
     (6D rotation, 3 width logits, 3 weight pre-activations)."""
 
-    def __init__(self, channels: Sequence[int], pooled: int):
+    def __init__(self, channels: Sequence[int], pooled: int, readout_radius: float = 0.0):
         super().__init__()
         self.pooled = pooled
+        self.readout_radius = float(readout_radius)
         self.convs = nn.ModuleList(nn.Conv3d(c, 2 * pooled, 3, padding=1) for c in channels)
         self.fc = nn.Linear(pooled * len(channels), RAW_PARAMETERS)
         # Start at the identity transformation: weight pre-activations ~0 (so v = tanh(.) ~ 0),
@@ -188,10 +189,22 @@ class ParameterNetwork(nn.Module):
             self.fc.bias.zero_()
             self.fc.bias[:6] = torch.tensor([1.0, 0.0, 0.0, 0.0, 1.0, 0.0])
 
-    def forward(self, features: List[torch.Tensor]) -> torch.Tensor:
+    def forward(self, features: List[torch.Tensor], centre: Optional[torch.Tensor] = None,
+                full_shape: Optional[Sequence[int]] = None, strides: Optional[Sequence[int]] = None
+                ) -> torch.Tensor:
+        """``features`` per resolution; ``centre`` ``(N, 3)`` (normalised), ``full_shape`` and
+        ``strides`` are needed only with a ``readout_radius``: then every gate's logits get the
+        log of a Gaussian window ``-|x - centre|^2 / (2 radius^2)``, so the parameters are read
+        from the features around the place the deformation goes (beyond the paper)."""
         pooled = []
-        for conv, feat in zip(self.convs, features):
+        for level, (conv, feat) in enumerate(zip(self.convs, features)):
             gate, values = conv(feat).flatten(2).chunk(2, dim=1)  # (N, q, V) each
+            if self.readout_radius > 0:
+                if centre is None or full_shape is None or strides is None:
+                    raise ValueError("a readout radius needs the centre, the full shape and the strides")
+                grid = level_coordinates(full_shape, feat.shape[2:], strides[level], feat.dtype, feat.device)
+                d2 = ((grid.unsqueeze(0) - centre.unsqueeze(1)) ** 2).sum(-1)  # (N, V)
+                gate = gate - (d2 / (2.0 * self.readout_radius ** 2)).unsqueeze(1)
             pooled.append((torch.softmax(gate, dim=-1) * values).sum(-1))
         return self.fc(torch.cat(pooled, dim=1))
 
@@ -262,13 +275,17 @@ class R2N2(nn.Module):
         s_min: smallest variance (0: the paper's ``sigmoid(.) * s_max``; above 0 keeps training
             from collapsing every width to zero, where no gradient reaches the heads again).
         weight_noise: std of the multiplicative Gaussian weight noise in training (0: off).
+        readout_radius: 0 (the paper): the parameter network pools its gated features over the
+            whole image. Above 0 (normalised units, beyond the paper): the gates are windowed by
+            a Gaussian of this radius around the predicted centre, so the shape and weight of a
+            local deformation are read from the features where it acts.
         similarity: the similarity the model is trained with (``"mse"`` or ``"ncc"``); the
             adaptive stop monitors it unless told otherwise.
     """
 
     def __init__(self, channels: Sequence[int] = (16, 32, 32), res_blocks: int = 2, pooled: int = 16,
                  steps: int = 25, s_max: float = 0.3, weight_noise: float = 0.0, similarity: str = "mse",
-                 s_min: float = 0.0):
+                 s_min: float = 0.0, readout_radius: float = 0.0):
         super().__init__()
         if len(channels) != 3 or min(channels) < 1:
             raise ValueError(f"channels must be 3 positive numbers (one per resolution), got {channels}")
@@ -278,13 +295,15 @@ class R2N2(nn.Module):
             raise ValueError(f"s_max must be in (0, 4] (normalised units squared), got {s_max}")
         if not 0 <= s_min < s_max:
             raise ValueError(f"s_min must be in [0, s_max), got {s_min} with s_max {s_max}")
+        if readout_radius < 0:
+            raise ValueError(f"readout_radius must be >= 0 (0: off), got {readout_radius}")
         if weight_noise < 0:
             raise ValueError(f"weight_noise must be >= 0, got {weight_noise}")
         if similarity not in SIMILARITIES:
             raise ValueError(f"similarity must be one of {SIMILARITIES}, got {similarity!r}")
         self.config = dict(channels=[int(c) for c in channels], res_blocks=int(res_blocks), pooled=int(pooled),
                            steps=int(steps), s_max=float(s_max), s_min=float(s_min), weight_noise=float(weight_noise),
-                           similarity=similarity)
+                           similarity=similarity, readout_radius=float(readout_radius))
         self.steps = int(steps)
         self.s_max = float(s_max)
         self.s_min = float(s_min)
@@ -294,7 +313,7 @@ class R2N2(nn.Module):
         self.units = nn.ModuleList(GR2U(i, c, res_blocks) for i, c in zip(ins, channels))
         self.strides = [2, 4, 8]
         self.position = PositionNetwork(channels)
-        self.parameter_net = ParameterNetwork(channels, pooled)
+        self.parameter_net = ParameterNetwork(channels, pooled, readout_radius)
 
     #: sizes need no particular multiple (strided convolutions accept any size)
     divisor = 1
@@ -315,7 +334,7 @@ class R2N2(nn.Module):
             features.append(x)
             new_state.append(h)
         centre, certainty = self.position(features, fixed.shape[2:], self.strides)
-        raw = self.parameter_net(features)
+        raw = self.parameter_net(features, centre, fixed.shape[2:], self.strides)
         rotation = rotation_from_6d(raw[:, :6])
         widths = widths_from_logits(raw[:, 6:9], self.s_max, self.s_min)
         weight = torch.tanh(raw[:, 9:12])
