@@ -171,6 +171,8 @@ METHODS: Dict[str, Callable[[], Callable]] = {
     "same-affine": lambda: engine_initializer("same-affine"),
     "same-affine-ransac": lambda: engine_initializer("same-affine", fit="ransac"),
     "same-affine-irls": lambda: engine_initializer("same-affine", fit="irls"),
+    "dnet+rigid": lambda: engine_initializer("dnet+rigid"),
+    "same-affine+affine": lambda: engine_initializer("same-affine+affine"),
     "engine-rigid": lambda: engine_initializer("rigid"),
     "sitk-rigid": lambda: sitk_initializer("rigid"),
     "sitk-affine": lambda: sitk_initializer("affine"),

@@ -181,7 +181,7 @@ def test_dnet_initializer_and_composition_with_a_second_transform(tmp_path, monk
     path = save_model(_pinned_dnet(r, t), tmp_path / "models" / "dnet")
     monkeypatch.setattr(align, "INITIALIZERS", dict(align.INITIALIZERS))
     assert register_learned_initializers(tmp_path / "empty") == []
-    assert register_learned_initializers(tmp_path / "models") == ["dnet"]
+    assert register_learned_initializers(tmp_path / "models") == ["dnet", "dnet+rigid"]
     pts = voxel_grid_points(moving_grid, torch.float64)[0].permute(1, 2, 3, 0).numpy()
     moving = torch.as_tensor(_blob(pts, (-10.0, 8.0, 8.0)), dtype=torch.float32)[None, None]
     fixed = torch.rand(1, 1, *fixed_grid.shape)
@@ -453,3 +453,37 @@ def test_dnet_training_records_the_orientation_of_its_real_scans(tmp_path):
     sitk.WriteImage(odd, str(folder / "s2.nii.gz"))  # identity direction
     with pytest.raises(BadInputError, match="different orientations"):
         scan_direction(str(folder))
+
+
+def test_dnet_plus_rigid_polishes_a_coarse_pose_that_rigid_alone_cannot_reach(tmp_path, monkeypatch):
+    """A D-Net pinned 20 deg off the truth (a coarse learned pose), refined by the iterative
+    rigid registration started from it, recovers a 150 deg rotation within 2 deg; the iterative
+    registration alone, from the centre of mass, does not."""
+    from deepreglib.methods.dnet import cube_direction, grid_centre, longest_side_mm
+    grid = Grid((28, 28, 28), (2.0, 2.0, 2.0), (-27.0, -27.0, -27.0), tuple(np.eye(3).ravel()))
+    centre = grid_centre(grid)
+    m_true = np.eye(4)
+    m_true[:3, :3] = rotation_matrix((1.0, 1.0, 1.0), math.radians(150))
+    pts = voxel_grid_points(grid, torch.float64)[0].permute(1, 2, 3, 0).numpy()
+    inv = np.linalg.inv(m_true)
+    fixed = torch.as_tensor(_blob(pts), dtype=torch.float32)[None, None]
+    moving = torch.as_tensor(_blob(pts @ inv[:3, :3].T + inv[:3, 3]), dtype=torch.float32)[None, None]
+    off = np.eye(4)
+    off[:3, :3] = rotation_matrix((1.0, -1.0, 0.0), math.radians(20))
+    coarse = m_true @ off  # what the pinned network will say, 20 deg from the truth
+    cube = dnet_grid(centre, 16, longest_side_mm(grid) / 16, cube_direction(None))
+    p = normalized_to_physical(cube)
+    pose = np.linalg.inv(p) @ coarse @ p
+    folder = tmp_path / "models"
+    save_model(_pinned_dnet(pose[:3, :3], pose[:3, 3]), folder / "dnet")
+    monkeypatch.setattr(align, "INITIALIZERS", dict(align.INITIALIZERS))
+    register_learned_initializers(folder)
+    first = align.initial_transform("dnet", fixed, grid, moving, grid)
+    assert rotation_error_deg(first[:3, :3], m_true[:3, :3]) == pytest.approx(20.0, abs=0.5)
+    seen = []
+    polished = align.initial_transform("dnet+rigid", fixed, grid, moving, grid,
+                                       progress=lambda f, msg="": seen.append(f))
+    assert rotation_error_deg(polished[:3, :3], m_true[:3, :3]) < 2.0
+    assert seen and max(seen) <= 1.0 and seen == sorted(seen)
+    alone = align.initial_transform("rigid", fixed, grid, moving, grid)
+    assert rotation_error_deg(alone[:3, :3], m_true[:3, :3]) > 30.0

@@ -310,7 +310,7 @@ def test_same_affine_initializer_is_registered_only_with_weights(tmp_path, monke
     monkeypatch.setattr(align, "INITIALIZERS", dict(align.INITIALIZERS))
     assert register_learned_initializers(tmp_path) == []
     _same_file(tmp_path, sam_only=True)
-    assert register_learned_initializers(tmp_path) == ["same-affine"]
+    assert register_learned_initializers(tmp_path) == ["same-affine", "same-affine+affine"]
     grid_f = Grid((32, 32, 32), (2.0, 2.0, 2.0), (-31.0, -31.0, -31.0), tuple(np.eye(3).ravel()))
     grid_m = Grid((28, 30, 32), (2.2, 2.0, 1.8), (-20.0, -35.0, -25.0), tuple(np.eye(3).ravel()))
     p = synth_pair((32, 32, 32), seed=2)
