@@ -39,8 +39,8 @@ except ImportError:  # plain Python (+ slicer-core): the Logic and the self-test
 
 from DeepRegistrationLib.standins import resource_path as _resource_path  # noqa: E402
 from DeepRegistrationLib import scene as dscene  # noqa: E402
-from DeepRegistrationLib.process import (WorkerProcess, default_python, parse_method_options,  # noqa: E402
-                                         register_command)
+from DeepRegistrationLib.process import (WorkerProcess, default_python, initialization_choices,  # noqa: E402
+                                         parse_method_options, register_command)
 
 DEVICE_AUTO, DEVICE_CPU = "auto", "cpu"
 
@@ -129,8 +129,8 @@ class DeepRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.methodComboBox.addItem(info.title, info.name)
         self.ui.deviceComboBox.addItem("Auto (GPU if available)", DEVICE_AUTO)
         self.ui.deviceComboBox.addItem("CPU", DEVICE_CPU)
-        for label, value in (("None", "none"), ("Centre of mass", "center"), ("Moments", "moments"),
-                             ("Rigid", "rigid"), ("Affine", "affine")):
+        models = os.environ.get("DEEPREG_MODELS") or resource_path("Models")
+        for label, value in initialization_choices(models):
             self.ui.initializationComboBox.addItem(label, value)
 
         # the overlay list shows the method maps of runs, not every volume of the scene

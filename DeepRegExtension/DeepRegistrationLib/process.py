@@ -89,6 +89,29 @@ def parse_method_options(text: str) -> Dict[str, str]:
     return options
 
 
+#: the initial alignments the worker always has: (label, ``--init`` value)
+CLASSIC_INITIALIZATIONS = (("None", "none"), ("Centre of mass", "center"), ("Moments", "moments"),
+                           ("Rigid", "rigid"), ("Affine", "affine"))
+#: learned ones, offered when one of their weights files is in the models folder
+LEARNED_INITIALIZATIONS = (
+    ("D-Net (any rotation, coarse)", "dnet", ("dnet",)),
+    ("D-Net, then rigid (any rotation, precise)", "dnet+rigid", ("dnet",)),
+    ("SAM-affine (anatomical matches)", "same-affine", ("sam", "same")),
+    ("SAM-affine, then affine", "same-affine+affine", ("sam", "same")),
+)
+
+
+def initialization_choices(models_folder: Optional[str]) -> List[tuple]:
+    """``(label, --init value)`` for the module's "Initial alignment" list: the classic ones, then
+    each learned initializer whose weights (``STEM.pt``) are in ``models_folder`` (the worker
+    registers exactly those). Reads no weights and needs no torch."""
+    out = list(CLASSIC_INITIALIZATIONS)
+    for label, value, stems in LEARNED_INITIALIZATIONS:
+        if models_folder and any(os.path.isfile(os.path.join(models_folder, f"{s}.pt")) for s in stems):
+            out.append((label, value))
+    return out
+
+
 def register_command(fixed: str, moving: str, out: str, method: str, python: Optional[str] = None,
                      device: str = "auto", refine: int = 0, init: str = "none",
                      options: Optional[Dict[str, Optional[str]]] = None,

@@ -234,3 +234,20 @@ def test_real_worker_reports_an_option_the_method_does_not_have(tmp_path):
     assert out.status == "bad_input"
     assert "query_point" in out.message and "options are" in out.message
     assert "Traceback" not in out.message
+
+
+def test_initial_alignment_list_offers_the_learned_initializers_the_worker_has(tmp_path):
+    from DeepRegistrationLib.process import CLASSIC_INITIALIZATIONS, initialization_choices
+    from deepreglib.modelio import models_dir
+    from deepreglib.pipeline import init_choices
+    assert initialization_choices(str(tmp_path)) == list(CLASSIC_INITIALIZATIONS)
+    assert initialization_choices(None) == list(CLASSIC_INITIALIZATIONS)
+    (tmp_path / "dnet.pt").write_bytes(b"")
+    values = [v for _, v in initialization_choices(str(tmp_path))]
+    assert values[-2:] == ["dnet", "dnet+rigid"] and "same-affine" not in values
+    (tmp_path / "same.pt").write_bytes(b"")
+    assert [v for _, v in initialization_choices(str(tmp_path))][-2:] == ["same-affine", "same-affine+affine"]
+    # with the shipped weights, every value listed is one the worker's --init accepts
+    shipped = [v for _, v in initialization_choices(str(models_dir()))]
+    assert {"dnet", "dnet+rigid", "same-affine", "same-affine+affine"} <= set(shipped)
+    assert set(shipped) <= set(init_choices())
