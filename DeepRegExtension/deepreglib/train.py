@@ -65,7 +65,8 @@ class TrainingRecipe:
     synthetic: Optional[Callable[[Sequence[int], int, argparse.Namespace],
                                  Optional[Dict[str, torch.Tensor]]]] = None
     #: ``(run args as a dict) -> entries`` added to the exported model card (e.g. D-Net's
-    #: ``grid_direction``, the orientation its real scans were seen in)
+    #: ``grid_direction``, the orientation its real scans were seen in); also called once before
+    #: training, so data it refuses (:class:`BadInputError`) stops the run before any step
     card_entries: Optional[Callable[[Dict[str, object]], Dict[str, object]]] = None
 
 
@@ -194,6 +195,8 @@ def train(args: argparse.Namespace, log: Callable[[str], None] = print) -> Path:
     if args.method not in RECIPES:
         raise BadInputError(f"no training recipe for {args.method!r}; choose one of {sorted(RECIPES)}")
     recipe = RECIPES[args.method]
+    if recipe.card_entries is not None:
+        recipe.card_entries(vars(args))  # what the card will record is checked before any step
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -435,7 +435,7 @@ def test_the_cube_faces_the_training_orientation_whatever_the_files_voxel_order(
         cube_direction({"grid_direction": [1, 0, 0, 0, 2, 0, 0, 0, 1]})
 
 
-def test_dnet_training_records_the_orientation_of_its_real_scans(tmp_path):
+def test_dnet_training_records_the_orientation_of_its_real_scans(tmp_path, capsys):
     import SimpleITK as sitk
     from deepreglib.errors import BadInputError
     from deepreglib.train import RECIPES, scan_direction
@@ -453,6 +453,13 @@ def test_dnet_training_records_the_orientation_of_its_real_scans(tmp_path):
     sitk.WriteImage(odd, str(folder / "s2.nii.gz"))  # identity direction
     with pytest.raises(BadInputError, match="different orientations"):
         scan_direction(str(folder))
+    # the training command refuses them before it trains or writes anything
+    from deepreglib.cli import main as cli_main
+    run = tmp_path / "run"
+    code = cli_main(["train", "dnet", "--out", str(run), "--steps", "1", "--shape", "16", "16", "16",
+                     "--threads", "1", "--real-dir", str(folder)])
+    assert code != 0 and not run.exists()
+    assert "different orientations" in capsys.readouterr().err
 
 
 def test_dnet_plus_rigid_polishes_a_coarse_pose_that_rigid_alone_cannot_reach(tmp_path, monkeypatch):
