@@ -91,7 +91,7 @@ def _pip(requirements: List[str], log: Callable[[str], None]) -> None:
 
 
 def ensure_dependencies(confirm: Callable[[str], bool], log: Callable[[str], None] = print,
-                        missing: Optional[List[str]] = None) -> bool:
+                        missing: Optional[List[str]] = None, module: str = "DeepRegistration") -> bool:
     """Install what is missing after ``confirm(message)`` returns True.
 
     Returns True when everything is importable afterwards, False when the user declined.
@@ -100,7 +100,7 @@ def ensure_dependencies(confirm: Callable[[str], bool], log: Callable[[str], Non
     missing = missing_requirements() if missing is None else list(missing)
     if not missing:
         return True
-    message = ("DeepRegistration needs these Python packages, which are not installed yet:\n\n  "
+    message = (f"{module} needs these Python packages, which are not installed yet:\n\n  "
                + "\n  ".join(missing)
                + "\n\nInstall them now? This downloads up to a few GB (PyTorch) and can take "
                  "several minutes; Slicer may need a restart afterwards.")

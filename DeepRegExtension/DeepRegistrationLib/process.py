@@ -27,7 +27,14 @@ import time
 from dataclasses import dataclass
 from typing import Deque, Dict, List, Optional, Sequence
 
-EXIT_OK, EXIT_INTERNAL, EXIT_BAD_INPUT, EXIT_CANCELLED = 0, 1, 2, 3
+from deepreglib.protocol import (CLASSIC_INITIALIZATIONS, EVENT_ERROR, EVENT_LOG,  # noqa: F401 (re-exported)
+                                 EVENT_PROGRESS, EVENT_RESULT, ERROR_BAD_INPUT, EXIT_BAD_INPUT,
+                                 EXIT_CANCELLED, EXIT_INTERNAL, EXIT_OK, initialization_choices)
+
+#: Windows has no polite SIGTERM for a console child of a GUI program: the tree is ended at once
+#: (``taskkill /T /F``). Nothing is lost: the worker writes its outputs under a temporary name
+#: and the caller removes the run's temporary folder.
+_IS_WINDOWS = os.name == "nt"
 
 #: Seconds between the polite stop (SIGTERM: the worker cleans up and exits 3) and SIGKILL.
 DEFAULT_GRACE_SECONDS = 5.0
@@ -89,29 +96,6 @@ def parse_method_options(text: str) -> Dict[str, str]:
     return options
 
 
-#: the initial alignments the worker always has: (label, ``--init`` value)
-CLASSIC_INITIALIZATIONS = (("None", "none"), ("Centre of mass", "center"), ("Moments", "moments"),
-                           ("Rigid", "rigid"), ("Affine", "affine"))
-#: learned ones, offered when one of their weights files is in the models folder
-LEARNED_INITIALIZATIONS = (
-    ("D-Net (any rotation, coarse)", "dnet", ("dnet",)),
-    ("D-Net, then rigid (any rotation, precise)", "dnet+rigid", ("dnet",)),
-    ("SAM-affine (anatomical matches)", "same-affine", ("sam", "same")),
-    ("SAM-affine, then affine", "same-affine+affine", ("sam", "same")),
-)
-
-
-def initialization_choices(models_folder: Optional[str]) -> List[tuple]:
-    """``(label, --init value)`` for the module's "Initial alignment" list: the classic ones, then
-    each learned initializer whose weights (``STEM.pt``) are in ``models_folder`` (the worker
-    registers exactly those). Reads no weights and needs no torch."""
-    out = list(CLASSIC_INITIALIZATIONS)
-    for label, value, stems in LEARNED_INITIALIZATIONS:
-        if models_folder and any(os.path.isfile(os.path.join(models_folder, f"{s}.pt")) for s in stems):
-            out.append((label, value))
-    return out
-
-
 def register_command(fixed: str, moving: str, out: str, method: str, python: Optional[str] = None,
                      device: str = "auto", refine: int = 0, init: str = "none",
                      options: Optional[Dict[str, Optional[str]]] = None,
@@ -142,6 +126,14 @@ def register_command(fixed: str, moving: str, out: str, method: str, python: Opt
         cmd += ["--method-option", f"{key}={text}"]
     cmd += [f"--{f}" for f in flags]
     return cmd
+
+
+def worker_command(command: str, arguments: Sequence[str] = (), python: Optional[str] = None,
+                   progress: bool = True) -> List[str]:
+    """``python -m deepreglib COMMAND ARGUMENTS [--progress json]``: any worker command, e.g.
+    ``worker_command("devices", ["--json"], progress=False)`` or ``worker_command("qa", [...])``."""
+    cmd = [python or default_python(), "-m", "deepreglib", command] + [str(a) for a in arguments]
+    return cmd + (["--progress", "json"] if progress else [])
 
 
 def _last_meaningful_line(lines: Sequence[str]) -> str:
@@ -203,7 +195,7 @@ class WorkerProcess:
         kwargs = dict(stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                       env=self.env, cwd=self.cwd, bufsize=1, universal_newlines=True,
                       encoding="utf-8", errors="replace")
-        if os.name == "nt":
+        if _IS_WINDOWS:
             info = subprocess.STARTUPINFO()
             info.dwFlags |= subprocess.STARTF_USESHOWWINDOW  # no console window pops up
             kwargs.update(startupinfo=info, creationflags=subprocess.CREATE_NEW_PROCESS_GROUP)
@@ -308,7 +300,7 @@ class WorkerProcess:
 
         POSIX: SIGTERM to the process group (the worker stops at its next check, removes partial
         output and exits 3), then SIGKILL to the group after ``grace_seconds``. Windows:
-        ``taskkill /T`` then ``taskkill /T /F``. With ``block=False`` the SIGKILL is sent from a
+        ``taskkill /T /F`` at once (see :data:`_IS_WINDOWS`). With ``block=False`` the SIGKILL is sent from a
         background thread so a GUI button returns at once.
         """
         if self._proc is None:
@@ -322,13 +314,12 @@ class WorkerProcess:
 
     def _terminate_tree(self, grace: float) -> None:
         proc = self._proc
-        if os.name == "nt":
-            self._taskkill(force=False)
+        if _IS_WINDOWS:
+            self._taskkill()
             try:
-                proc.wait(grace)
+                proc.wait(grace + 5.0)
             except subprocess.TimeoutExpired:
-                pass
-            self._taskkill(force=True)
+                proc.kill()
             return
         pgid = proc.pid  # start_new_session: the worker leads its own group
         self._signal_group(pgid, signal.SIGTERM)
@@ -350,13 +341,15 @@ class WorkerProcess:
         except (ProcessLookupError, PermissionError):
             pass  # the group is gone already
 
-    def _taskkill(self, force: bool) -> None:
-        cmd = ["taskkill", "/PID", str(self._proc.pid), "/T"] + (["/F"] if force else [])
+    def _taskkill(self) -> None:
+        """End the worker and every process it started, at once (``/F``: a console program
+        without a window ignores the polite ``taskkill``, which would only wait out the grace
+        period)."""
+        cmd = ["taskkill", "/PID", str(self._proc.pid), "/T", "/F"]
         try:
             subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=30)
         except (OSError, subprocess.SubprocessError):
-            if force:
-                self._proc.kill()
+            self._proc.kill()
 
     # -- outcome -------------------------------------------------------------------------------
     def outcome(self) -> WorkerOutcome:
@@ -405,3 +398,87 @@ class WorkerProcess:
         last = _last_meaningful_line(self._stderr_tail)
         return (f"The registration worker {how}." + (f" Its last message: {last}" if last else "")
                 + " See the details for its output.")
+
+
+def worker_environment(module_dir: str, models_dir: Optional[str] = None) -> Dict[str, str]:
+    """The worker's environment: Slicer's startup environment (inside Slicer; else ours), the
+    folder holding ``deepreglib`` first on ``PYTHONPATH`` (PythonSlicer does not search the
+    extension's module folder by itself) and ``DEEPREG_MODELS`` naming the one folder of
+    shipped weights (``models_dir``), unless the user set it."""
+    env = None
+    try:
+        import slicer
+        if getattr(slicer, "app", None) is not None:
+            env = slicer.util.startupEnvironment()
+    except Exception:  # noqa: BLE001 - outside Slicer, or an older Slicer: inherit ours
+        env = None
+    env = dict(env if env is not None else os.environ)
+    paths = [module_dir] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
+    env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    if models_dir and os.path.isdir(models_dir) and not env.get("DEEPREG_MODELS"):
+        env["DEEPREG_MODELS"] = models_dir
+    return env
+
+
+def temp_root() -> Optional[str]:
+    """Slicer's temporary folder inside the application, else the system's (``None``)."""
+    try:
+        import slicer
+        return slicer.app.temporaryPath
+    except (ImportError, AttributeError):
+        return None
+
+
+class BackgroundRun:
+    """A started worker command and its temporary folder. The GUI polls it from a timer and may
+    cancel it; :meth:`finish` then loads the results with ``load(manifest_path)`` when the run
+    succeeded (and was not discarded) and removes the temporary folder unless it is kept."""
+
+    def __init__(self, worker: WorkerProcess, temp_dir: str, load, keep_temp: bool = False,
+                 messages: Sequence[str] = ()):
+        self.worker = worker
+        self.temp_dir = temp_dir
+        self.keep_temp = keep_temp
+        self.messages = list(messages)
+        self.discard = False
+        self.outcome: Optional[WorkerOutcome] = None
+        self.results = None
+        self._load = load
+
+    def poll(self) -> List[dict]:
+        return self.worker.poll()
+
+    def cancel(self, discard: bool = False, block: bool = False) -> None:
+        """Stop the worker and its children. ``discard``: load nothing even if it had already
+        finished (its input nodes are going away)."""
+        self.discard = self.discard or discard
+        self.worker.cancel(block=block)
+
+    def wait_for_results(self, timeout: Optional[float], what: str = "the computation"):
+        """Block until the run ends (console, scripts, self-tests) and return its loaded results.
+
+        Raises:
+            RuntimeError: with the worker's message when the run did not succeed, or when it took
+                longer than ``timeout`` seconds (it is then cancelled).
+        """
+        if self.worker.wait(timeout) is None:
+            self.cancel(block=True)
+            self.finish()
+            raise RuntimeError(f"{what} took longer than {timeout} s and was cancelled")
+        results = self.finish()
+        if not self.outcome.ok:
+            raise RuntimeError(self.outcome.message)
+        return results
+
+    def finish(self):
+        """The loaded results if the run succeeded, else None (see :attr:`outcome` for how it
+        ended). Removes the temporary folder unless it is kept."""
+        try:
+            self.outcome = self.worker.outcome()
+            if self.outcome.ok and not self.discard:
+                self.results = self._load(self.outcome.manifest)
+            return self.results
+        finally:
+            if not self.keep_temp:
+                shutil.rmtree(self.temp_dir, ignore_errors=True)

@@ -9,7 +9,7 @@ left out, so a second run registers the original moving volume again.
 
 Outputs: ``manifest.json`` lists every output (name, kind, path, grid). They are read with
 Slicer's own storage nodes, so what Slicer shows is what Slicer would read from the files. Every
-kind an engine method writes has a node type (:data:`OUTPUT_KINDS`):
+kind an engine method writes has a node type (:data:`deepreglib.protocol.OUTPUT_KINDS`):
 
 * ``volume`` -> the warped volume, or a method map (attention, uncertainty, ROI mask, fusion
   weight, similarity...) as a scalar volume marked :data:`OVERLAY_ATTRIBUTE`, shown as a
@@ -47,16 +47,15 @@ from typing import Dict, List, Optional
 
 import numpy as np
 
+from deepreglib import protocol
+from deepreglib.protocol import FOLDING_RGB, JACOBIAN_WINDOW, OUTPUT_KINDS, read_manifest  # noqa: F401
+
 ATTRIBUTE_PREFIX = "DeepReg."
 FIXED_REFERENCE_ROLE = "DeepReg.fixedVolume"
 MOVING_REFERENCE_ROLE = "DeepReg.movingVolume"
 JACOBIAN_COLOR_NODE_NAME = "DeepReg Jacobian (folding, shrink, grow)"
-#: Window of the Jacobian display: centred on 1 (no volume change), 0 = total collapse.
-JACOBIAN_WINDOW = (0.0, 2.0)
-#: RGB of folded voxels (det <= 0): bright yellow, unlike anything on the blue-white-red ramp.
-FOLDING_RGB = (1.0, 0.9, 0.0)
 
-_LPS_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])  # RAS <-> LPS: negate x and y (its own inverse)
+_LPS_RAS = protocol.LPS_FROM_RAS  # RAS <-> LPS: negate x and y (its own inverse)
 
 
 def _slicer():
@@ -131,8 +130,7 @@ def volume_to_sitk(volume_node, ignore_parent: bool = False):
 def write_volume(volume_node, path, ignore_parent: bool = False) -> str:
     """Write a volume node for the worker (``.nrrd``/``.nii.gz``/``.mha``) in LPS; returns the
     path. The node is not changed (no storage node is attached to it)."""
-    from deepreglib import io as dio
-    dio.write_image(volume_to_sitk(volume_node, ignore_parent), str(path))
+    protocol.write_image(volume_to_sitk(volume_node, ignore_parent), str(path))
     return str(path)
 
 
@@ -191,8 +189,6 @@ def write_segmentation_as_labels(segmentation_node, reference_volume_node, path)
 
 def write_points(markups_node, path) -> str:
     """Write a point list's placed control points (world coordinates) as markups JSON in LPS."""
-    from deepreglib import io as dio
-    from deepreglib.geometry import ras_to_lps
     names, points = [], []
     for i in range(markups_node.GetNumberOfControlPoints()):
         if not markups_node.GetNthControlPointPositionStatus(i) == markups_node.PositionDefined:
@@ -203,8 +199,8 @@ def write_points(markups_node, path) -> str:
         names.append(markups_node.GetNthControlPointLabel(i) or str(i + 1))
     if not points:
         raise ValueError(f"point list '{markups_node.GetName()}' has no placed points")
-    dio.write_markups_json(str(path), ras_to_lps(np.asarray(points)), names,
-                           name=markups_node.GetName())
+    protocol.write_markups_json(str(path), protocol.ras_to_lps(points), names,
+                                name=markups_node.GetName())
     return str(path)
 
 
@@ -212,24 +208,46 @@ def query_point_lps(markups_node) -> List[float]:
     """The first placed point of a point list (world RAS) as LPS ``[x, y, z]`` mm: the
     ``query_point`` method option of the methods that draw a query point's attention or
     similarity map."""
-    from deepreglib.geometry import ras_to_lps
     for i in range(markups_node.GetNumberOfControlPoints()):
         if markups_node.GetNthControlPointPositionStatus(i) == markups_node.PositionDefined:
             p = [0.0, 0.0, 0.0]
             markups_node.GetNthControlPointPositionWorld(i, p)
-            return [float(v) for v in ras_to_lps(np.asarray([p]))[0]]
+            return [float(v) for v in protocol.ras_to_lps([p])[0]]
     raise ValueError(f"point list '{markups_node.GetName()}' has no placed point to use as the query point")
 
 
 def write_linear_transform_node(transform_node, path) -> str:
     """Write a linear transform node's FromParent (world) as an ITK file in LPS (the worker's
     ``--initial-transform``, fixed -> moving)."""
-    from deepreglib import io as dio
     if not transform_node.IsTransformToWorldLinear():
         raise ValueError(f"the initial transform '{transform_node.GetName()}' must be linear")
     m = _vtk().vtkMatrix4x4()
     transform_node.GetMatrixTransformFromWorld(m)
-    dio.write_linear_transform(_LPS_RAS @ _matrix(m) @ _LPS_RAS, str(path))
+    protocol.write_linear_transform(_LPS_RAS @ _matrix(m) @ _LPS_RAS, str(path))
+    return str(path)
+
+
+def write_transform_node(transform_node, path) -> str:
+    """Write any transform node (linear, grid, B-spline, composite; this extension's or another
+    tool's) with Slicer's own storage node, as ITK writes it: LPS, FromParent (fixed -> moving).
+    ``.h5`` holds every kind. The node is not changed (no storage node is attached to it).
+
+    Raises:
+        ValueError: the node is under another transform: its own file would not say where
+            Slicer shows it.
+    """
+    parent = transform_node.GetParentTransformNode()
+    if parent is not None:
+        raise ValueError(f"'{transform_node.GetName()}' is under the transform '{parent.GetName()}'; "
+                         "harden that parent (Transforms module) or check the parent instead")
+    scene = transform_node.GetScene()
+    storage = scene.AddNewNodeByClass("vtkMRMLTransformStorageNode")
+    try:
+        storage.SetFileName(str(path))
+        if not storage.WriteData(transform_node):
+            raise ValueError(f"Slicer could not write the transform '{transform_node.GetName()}' to {path}")
+    finally:
+        scene.RemoveNode(storage)
     return str(path)
 
 
@@ -279,16 +297,6 @@ def write_worker_inputs(folder, fixed, moving, fixed_mask=None, moving_mask=None
 
 
 # -- provenance ------------------------------------------------------------------------------------
-def read_manifest(path) -> dict:
-    """The worker's ``manifest.json`` with ``_folder`` added (its directory)."""
-    p = Path(path)
-    data = json.loads(p.read_text(encoding="utf-8"))
-    if not isinstance(data, dict) or "outputs" not in data:
-        raise ValueError(f"'{p}' is not a deepreg manifest (no 'outputs' list)")
-    data["_folder"] = str(p.parent)
-    return data
-
-
 def provenance_attributes(manifest: dict) -> Dict[str, str]:
     """Attributes stored on every output node (all strings, as MRML attributes are)."""
     weights = manifest.get("weights") or {}
@@ -381,6 +389,21 @@ def _read_into(node, storage_node, path: str) -> None:
                          f"{storage_node.GetUserMessages().GetAllMessagesAsString()}")
 
 
+def read_volume_node(scene, path, name: str, class_name: str = "vtkMRMLScalarVolumeNode"):
+    """A new volume node (unique name) read from ``path`` with Slicer's own storage node."""
+    node = scene.AddNewNodeByClass(class_name, scene.GenerateUniqueName(name))
+    _read_into(node, _slicer().vtkMRMLVolumeArchetypeStorageNode(), str(path))
+    _ensure_display(node)
+    return node
+
+
+def read_transform_node(scene, path, name: str, class_name: str = "vtkMRMLGridTransformNode"):
+    """A new transform node (unique name) read from an ITK transform or displacement-field file."""
+    node = scene.AddNewNodeByClass(class_name, scene.GenerateUniqueName(name))
+    _read_into(node, _slicer().vtkMRMLTransformStorageNode(), str(path))
+    return node
+
+
 def _field_file_for_slicer(path: str, scratch: Path) -> str:
     """Slicer reads a NIfTI displacement field correctly but warns that it expected intent 1006
     (SimpleITK writes 1007); hand it a MetaImage copy (same LPS vector image) instead."""
@@ -444,18 +467,6 @@ class LoadedResults:
 #: Outputs every run may write (pipeline); all other names are the method's own.
 COMMON_OUTPUTS = frozenset({"warped", "transform", "inverse_transform", "jacobian", "warped_labels",
                             "initial_transform", "qa"})
-
-#: Every manifest output kind and what it becomes in the scene.
-OUTPUT_KINDS = {
-    "volume": "scalar volume: the warped volume, or a method map shown as a foreground overlay",
-    "labels": "label-map volume",
-    "jacobian": "scalar volume with the Jacobian colour table (folding stands out)",
-    "displacement_field": "grid transform (FromParent: fixed -> moving)",
-    "linear_transform": "linear transform (FromParent: fixed -> moving)",
-    "markups": "locked point list",
-    "volume_sequence": "sequence node + sequence browser + proxy volume (step-by-step play-back)",
-    "qa_png": "not loaded (the command line's QA picture)",
-}
 
 #: Marks a method volume meant as a foreground overlay (the module's overlay list shows these).
 OVERLAY_ATTRIBUTE = ATTRIBUTE_PREFIX + "Overlay"

@@ -15,7 +15,7 @@ import traceback
 from pathlib import Path
 from typing import List, Optional
 
-EXIT_OK, EXIT_INTERNAL, EXIT_BAD_INPUT, EXIT_CANCELLED = 0, 1, 2, 3
+from .protocol import EXIT_BAD_INPUT, EXIT_CANCELLED, EXIT_INTERNAL, EXIT_OK
 
 
 class _ArgumentParser(argparse.ArgumentParser):
@@ -101,6 +101,28 @@ def _cmd_methods(args, reporter) -> int:
     return EXIT_OK
 
 
+def _cmd_devices(args, reporter) -> int:
+    from .devices import list_devices
+    devices = list_devices()
+    if args.json:
+        print(json.dumps({"event": "result", "devices": devices}), flush=True)
+        return EXIT_OK
+    for d in devices:
+        print(f"{d['value']:<8} {d['label']}")
+    return EXIT_OK
+
+
+def _cmd_qa(args, reporter) -> int:
+    from .transform_qa import QAOptions, run_qa
+    opts = QAOptions(transform=args.transform, reference=args.reference, out=args.out,
+                     inverse=args.inverse, fixed_landmarks=args.fixed_landmarks,
+                     moving_landmarks=args.moving_landmarks, fixed_labels=args.fixed_labels,
+                     warped_labels=args.warped_labels,
+                     inverse_consistency=not args.no_inverse_consistency)
+    reporter.result(str(run_qa(opts, reporter)))
+    return EXIT_OK
+
+
 def _cmd_train(args, reporter) -> int:
     from .train import train
     train(args, log=lambda msg: print(msg, flush=True))
@@ -153,12 +175,28 @@ def build_parser() -> argparse.ArgumentParser:
     pr = sub.add_parser("report", help="draw the QA picture of a finished run")
     pr.add_argument("manifest", help="a run's manifest.json")
     pr.add_argument("--out", default=None, help="PNG path (default: qa.png beside the manifest)")
+    pd = sub.add_parser("devices", help="list the devices a run can use (GPUs with their free memory)")
+    pd.add_argument("--json", action="store_true", help="one JSON line: {\"event\": \"result\", \"devices\": [...]}")
+    pq = sub.add_parser("qa", help="Jacobian, folding, displacement, inverse consistency, TRE and label "
+                                   "overlap of any transform file (DeformationQA's worker)")
+    pq.add_argument("--transform", required=True, help="ITK transform file (.h5, .tfm, ...) or "
+                                                       "displacement-field image, fixed -> moving")
+    pq.add_argument("--reference", required=True, help="image whose grid the maps are computed on")
+    pq.add_argument("--out", required=True, help="output folder (must be new or empty)")
+    pq.add_argument("--inverse", default=None, help="the transform's inverse (default: exact for "
+                                                    "linear, numerical for deformable)")
+    pq.add_argument("--no-inverse-consistency", action="store_true")
+    for side in ("fixed", "moving"):
+        pq.add_argument(f"--{side}-landmarks", default=None, help=f"{side} points (CSV or markups JSON)")
+    pq.add_argument("--fixed-labels", default=None, help="label map on the fixed side")
+    pq.add_argument("--warped-labels", default=None, help="moving label map warped by the transform")
+    pq.add_argument("--progress", default="bar", choices=("json", "bar", "none"))
     pe = sub.add_parser("example", help="register the bundled example pair (brain-like phantoms)")
     pe.add_argument("--out", default="example_out", help="output folder (must be new or empty)")
     pe.add_argument("--method", default=None)
     pe.add_argument("--device", default="auto")
     pe.add_argument("--refine", type=int, default=0)
-    for p in (pt, pr, pm):
+    for p in (pt, pr, pm, pd):
         p.set_defaults(progress="bar")
     pe.add_argument("--progress", default="bar", choices=("json", "bar", "none"))
     return parser
@@ -193,7 +231,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             return EXIT_BAD_INPUT
         reporter = _make_reporter(getattr(args, "progress", "bar"))
         handler = {"register": _cmd_register, "methods": _cmd_methods, "train": _cmd_train,
-                   "report": _cmd_report, "example": _cmd_example}[args.command]
+                   "report": _cmd_report, "example": _cmd_example, "devices": _cmd_devices,
+                   "qa": _cmd_qa}[args.command]
         return handler(args, reporter)
     except SystemExit as e:  # --help
         return int(e.code or 0)

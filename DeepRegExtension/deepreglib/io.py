@@ -17,22 +17,20 @@ so a crash or a cancelled run never leaves a half-written file under the final n
 """
 from __future__ import annotations
 
-import contextlib
 import csv
 import gzip
 import json
 import logging
 import os
-import shutil
 import struct
-import tempfile
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import SimpleITK as sitk
 import torch
 
+from . import protocol
 from .errors import BadInputError
 from .geometry import Grid, displacement_mm_to_voxel, displacement_voxel_to_mm, ras_to_lps
 
@@ -41,9 +39,9 @@ _LOG = logging.getLogger(__name__)
 PathLike = Union[str, "os.PathLike[str]"]
 
 #: Image file extensions the engine writes (and reads; reading accepts anything SimpleITK reads).
-IMAGE_EXTENSIONS = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
+IMAGE_EXTENSIONS = protocol.IMAGE_EXTENSIONS
 #: Extensions read and written as ITK transform files.
-TRANSFORM_EXTENSIONS = (".tfm", ".txt", ".h5", ".hdf5", ".mat")
+TRANSFORM_EXTENSIONS = protocol.TRANSFORM_EXTENSIONS
 #: Transform-file extensions that can hold a displacement field (HDF5 only, as in Slicer and ANTs).
 FIELD_TRANSFORM_EXTENSIONS = (".h5", ".hdf5")
 #: Default extension for displacement fields (what ANTs writes).
@@ -51,21 +49,13 @@ DEFAULT_FIELD_EXTENSION = ".nii.gz"
 
 _SUPPORTED_READ = ("NIfTI (.nii, .nii.gz), NRRD (.nrrd, .nhdr), MetaImage (.mha, .mhd) or a folder "
                    "holding one DICOM series")
-_MARKUPS_SCHEMA = ("https://raw.githubusercontent.com/slicer/slicer/master/Modules/Loadable/"
-                   "Markups/Resources/Schema/markups-schema-v1.0.3.json#")
 _INTEGER_PIXELS = (sitk.sitkUInt8, sitk.sitkInt8, sitk.sitkUInt16, sitk.sitkInt16, sitk.sitkUInt32,
                    sitk.sitkInt32, sitk.sitkUInt64, sitk.sitkInt64)
 _COMPLEX_PIXELS = (sitk.sitkComplexFloat32, sitk.sitkComplexFloat64)
 
 
 # -- small helpers ---------------------------------------------------------------------------------
-def _suffix(path: PathLike, known: Sequence[str]) -> str:
-    """The longest of ``known`` that the file name ends with (lower case), or ``""``."""
-    name = Path(path).name.lower()
-    for ext in sorted(known, key=len, reverse=True):
-        if name.endswith(ext):
-            return ext
-    return ""
+_atomic_output, _suffix = protocol.atomic_output, protocol.suffix
 
 
 def _first_line(error: Exception) -> str:
@@ -79,29 +69,6 @@ def _require_file(path: PathLike, what: str) -> Path:
     if not p.exists():
         raise BadInputError(f"{what} not found: '{p}'. Check the path and that the file was saved.")
     return p
-
-
-@contextlib.contextmanager
-def _atomic_output(path: PathLike) -> Iterator[Path]:
-    """Yield a temporary path with ``path``'s file name inside a fresh hidden folder next to it;
-    when the block succeeds, move everything written there into ``path``'s folder.
-
-    A folder rather than a temporary file name keeps the extension (SimpleITK picks the writer
-    from it) and keeps detached headers (``.nhdr``/``.mhd``) pointing at their data files, which
-    are moved first so the header only appears once its data is in place.
-    """
-    final = Path(path)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp_dir = Path(tempfile.mkdtemp(prefix=".deepreg-tmp-", dir=str(final.parent)))
-    try:
-        tmp = tmp_dir / final.name
-        yield tmp
-        if not tmp.exists():
-            raise OSError(f"writing '{final}' produced no file")
-        for produced in sorted(tmp_dir.iterdir(), key=lambda f: f.name == final.name):
-            os.replace(str(produced), str(final.parent / produced.name))
-    finally:
-        shutil.rmtree(str(tmp_dir), ignore_errors=True)
 
 
 def _numpy_dtype_of(pixel_type: int) -> np.dtype:
@@ -377,12 +344,11 @@ def tensor_to_image(t: torch.Tensor, grid: Grid, pixel_type: Optional[int] = Non
 def write_image(img: sitk.Image, path: PathLike) -> Path:
     """Write ``img`` atomically (creating parent folders); compressed unless the name ends in
     ``.nii``. Extensions: :data:`IMAGE_EXTENSIONS`. Returns the path written."""
-    if not _suffix(path, IMAGE_EXTENSIONS):
-        raise BadInputError(f"cannot write an image to '{path}': use one of {IMAGE_EXTENSIONS}")
-    compress = _suffix(path, IMAGE_EXTENSIONS) != ".nii"
-    with _atomic_output(path) as tmp:
-        sitk.WriteImage(img, str(tmp), useCompression=compress)
-    return Path(path)
+    try:
+        return protocol.write_image(img, path)
+    except protocol.FileFormatError as e:
+        raise BadInputError(str(e)) from None
+
 
 
 # -- displacement fields ---------------------------------------------------------------------------
@@ -483,22 +449,10 @@ def read_displacement_field(path: PathLike) -> Tuple[torch.Tensor, Grid]:
 def write_linear_transform(matrix_lps: np.ndarray, path: PathLike) -> Path:
     """Write a 4x4 LPS point map ``p_moving = A p_fixed + t`` (ITK's resampling sense) as an ITK
     ``AffineTransform`` (centre 0) to ``.tfm``/``.txt``/``.h5``/``.hdf5``/``.mat``, atomically."""
-    m = np.asarray(matrix_lps, dtype=np.float64)
-    if m.shape != (4, 4):
-        raise ValueError(f"expected a 4x4 matrix, got shape {m.shape}")
-    if not np.isfinite(m).all() or not np.allclose(m[3], [0, 0, 0, 1], atol=1e-9):
-        raise ValueError(f"not a finite homogeneous 4x4 matrix (last row must be 0 0 0 1):\n{m}")
-    if abs(np.linalg.det(m[:3, :3])) < 1e-12:
-        raise ValueError(f"the linear part of the matrix is singular:\n{m}")
-    if not _suffix(path, TRANSFORM_EXTENSIONS):
-        raise BadInputError(f"cannot write a transform to '{path}': use one of "
-                            f"{TRANSFORM_EXTENSIONS}")
-    transform = sitk.AffineTransform(3)
-    transform.SetMatrix(m[:3, :3].ravel().tolist())
-    transform.SetTranslation(m[:3, 3].tolist())
-    with _atomic_output(path) as tmp:
-        sitk.WriteTransform(transform, str(tmp))
-    return Path(path)
+    try:
+        return protocol.write_linear_transform(matrix_lps, path)
+    except protocol.FileFormatError as e:
+        raise BadInputError(str(e)) from None
 
 
 def read_linear_transform(path: PathLike) -> np.ndarray:
@@ -677,54 +631,8 @@ def read_landmarks(path: PathLike, ras: bool = False) -> Tuple[List[str], np.nda
     return names, points
 
 
-def _check_points(points_lps, names: Optional[Sequence[str]]) -> Tuple[np.ndarray, List[str]]:
-    pts = np.asarray(points_lps, dtype=np.float64)
-    if pts.ndim != 2 or pts.shape[1] != 3:
-        raise ValueError(f"points must be (N, 3), got shape {pts.shape}")
-    if not np.isfinite(pts).all():
-        raise ValueError("points contain NaN or infinite values")
-    labels = [str(i + 1) for i in range(len(pts))] if names is None else [str(n) for n in names]
-    if len(labels) != len(pts):
-        raise ValueError(f"got {len(labels)} names for {len(pts)} points")
-    return pts, labels
-
-
-def write_markups_json(path: PathLike, points_lps, names: Optional[Sequence[str]] = None,
-                       description: Optional[str] = None,
-                       point_attributes: Optional[Sequence[Dict]] = None,
-                       name: Optional[str] = None) -> Path:
-    """Write a Slicer point list (markups JSON, schema v1.0.3) in LPS mm, atomically.
-
-    Args:
-        points_lps: ``(N, 3)`` LPS mm ``(x, y, z)``.
-        names: one label per point (default ``"1"``..``"N"``).
-        description: stored as the markup's ``description``.
-        point_attributes: one dict per point merged into its control point (e.g.
-            ``{"description": "TRE 1.2 mm"}``); Slicer keeps the fields its schema knows.
-        name: the markup's node name in Slicer.
-    """
-    pts, labels = _check_points(points_lps, names)
-    if point_attributes is not None and len(point_attributes) != len(pts):
-        raise ValueError(f"got {len(point_attributes)} point_attributes for {len(pts)} points")
-    control_points = []
-    for i, (pos, label) in enumerate(zip(pts, labels)):
-        cp = {"id": str(i + 1), "label": label, "description": "", "associatedNodeID": "",
-              "position": [float(v) for v in pos], "orientation": [-1.0, -0.0, -0.0, -0.0, -1.0,
-                                                                    -0.0, 0.0, 0.0, 1.0],
-              "selected": True, "locked": False, "visibility": True, "positionStatus": "defined"}
-        if point_attributes is not None:
-            cp.update(point_attributes[i])
-        control_points.append(cp)
-    markup = {"type": "Fiducial", "coordinateSystem": "LPS", "coordinateUnits": "mm",
-              "locked": False, "labelFormat": "%N-%d", "controlPoints": control_points}
-    if name is not None:
-        markup["name"] = str(name)
-    if description is not None:
-        markup["description"] = str(description)
-    text = json.dumps({"@schema": _MARKUPS_SCHEMA, "markups": [markup]}, indent=2)
-    with _atomic_output(path) as tmp:
-        tmp.write_text(text + "\n", encoding="utf-8")
-    return Path(path)
+write_markups_json = protocol.write_markups_json
+_check_points = protocol.check_points
 
 
 def write_landmarks_csv(path: PathLike, points_lps, names: Optional[Sequence[str]] = None) -> Path:

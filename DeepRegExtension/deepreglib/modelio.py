@@ -43,19 +43,26 @@ def _ensure_builtin_networks() -> None:
 
 
 def models_dir() -> Path:
-    """Where shipped weights live: ``$DEEPREG_MODELS``, else the extension's ``Resources/Models``
-    (source tree and Slicer install), else the copy packaged as ``deepreglib.models``."""
+    """Where the shipped weights live (one folder, never a copy):
+
+    1. ``$DEEPREG_MODELS`` (the Slicer module sets it for its worker);
+    2. the Slicer extension's ``Resources/Models`` beside the engine
+       (``qt-scripted-modules/Resources/Models`` next to ``qt-scripted-modules/deepreglib``);
+    3. the source tree's ``Resources/Models`` (a checkout, an editable install);
+    4. the pip package's ``deepreglib/models`` (``pip install deepreglib``).
+    """
     env = os.environ.get("DEEPREG_MODELS")
     if env:
         return Path(env)
-    source_tree = Path(__file__).resolve().parents[2] / "Resources" / "Models"
-    if source_tree.is_dir():
-        return source_tree
+    here = Path(__file__).resolve().parent
+    for candidate in (here.parent / "Resources" / "Models", here.parents[1] / "Resources" / "Models"):
+        if candidate.is_dir():
+            return candidate
     try:
         import deepreglib.models as packaged
         return Path(packaged.__file__).resolve().parent
-    except ImportError:  # pragma: no cover - only when neither layout exists
-        return source_tree
+    except ImportError:  # pragma: no cover - only when no layout exists
+        return here.parents[1] / "Resources" / "Models"
 
 
 def sha256_file(path: Union[str, Path]) -> str:

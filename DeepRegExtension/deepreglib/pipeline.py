@@ -16,7 +16,6 @@ import datetime
 import json
 import os
 import platform
-import resource
 import shutil
 import sys
 import time
@@ -151,10 +150,40 @@ class _Timer:
             self.timings[name] = self.timings.get(name, 0.0) + time.perf_counter() - t0
 
 
-def _peak_rss_mb() -> float:
+def _peak_rss_mb() -> Optional[float]:
+    """Peak resident memory of this process in MB (``None`` where the system does not say)."""
+    try:
+        import resource  # Unix only: imported here so that the worker starts on Windows
+    except ImportError:
+        return _peak_rss_windows_mb()
     # ru_maxrss is KiB on Linux, bytes on macOS
     r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return r / (1024 * 1024) if sys.platform == "darwin" else r / 1024
+
+
+def _peak_rss_windows_mb() -> Optional[float]:
+    """``PeakWorkingSetSize`` of ``GetProcessMemoryInfo`` (Windows), else ``None``."""
+    try:
+        import ctypes
+        from ctypes import wintypes
+
+        class _Counters(ctypes.Structure):
+            _fields_ = [("cb", wintypes.DWORD), ("PageFaultCount", wintypes.DWORD)] + [
+                (name, ctypes.c_size_t) for name in (
+                    "PeakWorkingSetSize", "WorkingSetSize", "QuotaPeakPagedPoolUsage",
+                    "QuotaPagedPoolUsage", "QuotaPeakNonPagedPoolUsage", "QuotaNonPagedPoolUsage",
+                    "PagefileUsage", "PeakPagefileUsage")]
+        counters = _Counters()
+        counters.cb = ctypes.sizeof(counters)
+        psapi = ctypes.WinDLL("psapi")
+        kernel32 = ctypes.WinDLL("kernel32")
+        kernel32.GetCurrentProcess.restype = wintypes.HANDLE
+        if not psapi.GetProcessMemoryInfo(kernel32.GetCurrentProcess(), ctypes.byref(counters),
+                                          counters.cb):
+            return None
+        return counters.PeakWorkingSetSize / (1024 * 1024)
+    except (AttributeError, OSError, ImportError):  # not Windows either
+        return None
 
 
 def _versions() -> dict:

@@ -32,7 +32,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.colors import TwoSlopeNorm
 from matplotlib.figure import Figure
 
-from . import __version__
+from . import __version__, protocol
 from .errors import BadInputError
 from .geometry import Grid
 from .io import read_displacement_field, read_image, sitk_to_displacement
@@ -40,8 +40,9 @@ from .jacobian import folding_fraction, jacobian_determinant, std_log_jacobian
 
 PathLike = Union[str, "os.PathLike[str]"]
 
-#: Colour of folding (``det J <= 0``) in the Jacobian and grid panels; nothing else uses it.
-FOLDING_RGB = (1.0, 0.0, 1.0)
+#: Colour of folding (``det J <= 0``) in the Jacobian and grid panels; nothing else uses it. The
+#: same colour as in Slicer (the protocol's).
+FOLDING_RGB = protocol.FOLDING_RGB
 #: Contour colours on the warped panel: fixed labels (target) and warped moving labels.
 FIXED_LABEL_COLOR = "#ffd400"
 WARPED_LABEL_COLOR = "#00e5ff"

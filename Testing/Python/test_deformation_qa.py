@@ -1,5 +1,7 @@
-"""DeepRegistrationLib.qa (the DeformationQA module's Logic) on transforms with known answers,
-with Slicer's real MRML (``slicer-core``)."""
+"""The DeformationQA module's Logic on transforms with known answers, with Slicer's real MRML
+(``slicer-core``): nodes are written with Slicer's storage nodes, ``deepreg qa`` computes in a
+worker process, and its maps come back as nodes. The numbers themselves are checked in
+``test_transform_qa.py``."""
 import sys
 from pathlib import Path
 
@@ -39,102 +41,13 @@ def scene():
     return slicer.vtkMRMLScene()
 
 
-def test_scaling_has_known_jacobian_and_magnitude(scene):
-    ref = _volume(scene)
-    t = _linear(scene, np.diag([1.1, 1.1, 1.1, 1.0]))
-    maps = qa.deformation_maps(t, ref)
-    np.testing.assert_allclose(maps["jacobian"], 1.331, atol=1e-4)
-    assert maps["jacobian"].shape == SHAPE
-    assert maps["folding_percent"] == 0.0
-    assert maps["sdlogj"] == pytest.approx(0.0, abs=1e-5)
-    # |phi(p) - p| = 0.1 |p| at the voxel (i, j, k) = (2, 3, 4)
-    m = vtk.vtkMatrix4x4()
-    ref.GetIJKToRASMatrix(m)
-    p = np.array(m.MultiplyPoint([2, 3, 4, 1]))[:3]
-    assert maps["magnitude_mm"][4, 3, 2] == pytest.approx(0.1 * np.linalg.norm(p), rel=1e-5)
-
-
-def test_reflection_folds_everywhere(scene):
-    ref = _volume(scene)
-    maps = qa.deformation_maps(_linear(scene, np.diag([-1.0, 1.0, 1.0, 1.0])), ref)
-    np.testing.assert_allclose(maps["jacobian"], -1.0, atol=1e-5)
-    assert maps["folding_percent"] == pytest.approx(100.0)
-
-
-def test_grid_transform_made_from_known_field(scene):
-    """A grid transform node whose FromParent displacement is a known linear ramp in RAS x:
-    u_x = 0.2 * (x - x0) so det = 1.2 in the interior."""
-    ref = _volume(scene)
-    grid_node = scene.AddNewNodeByClass("vtkMRMLGridTransformNode", "ramp")
-    disp = vtk.vtkImageData()
-    disp.SetDimensions(SHAPE[2], SHAPE[1], SHAPE[0])
-    disp.SetSpacing(1.5, 1.0, 2.0)
-    disp.SetOrigin(-5.0, 3.0, 10.0)
-    disp.AllocateScalars(vtk.VTK_DOUBLE, 3)
-    arr = vtk.util.numpy_support.vtk_to_numpy(disp.GetPointData().GetScalars()).reshape(SHAPE + (3,))
-    i = np.arange(SHAPE[2])
-    arr[...] = 0
-    arr[..., 0] = 0.2 * (i * 1.5)[None, None, :]
-    grid = slicer.vtkOrientedGridTransform() if hasattr(slicer, "vtkOrientedGridTransform") else vtk.vtkOrientedGridTransform()
-    grid.SetDisplacementGridData(disp)
-    grid.SetInterpolationModeToLinear()
-    grid_node.SetAndObserveTransformFromParent(grid)
-    maps = qa.deformation_maps(grid_node, ref)
-    np.testing.assert_allclose(maps["jacobian"][1:-1, 1:-1, 1:-1], 1.2, atol=1e-4)
-    assert maps["max_displacement_mm"] == pytest.approx(0.2 * 1.5 * (SHAPE[2] - 1), rel=1e-5)
-
-
-def test_landmark_errors_before_and_after(scene):
-    t = np.eye(4)
-    t[:3, 3] = (3.0, -4.0, 0.0)
-    node = _linear(scene, t)
-    fixed = scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", "F")
-    moving = scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", "M")
-    for n, p in enumerate([(0.0, 0.0, 0.0), (10.0, 5.0, -2.0)]):
-        fixed.AddControlPoint(vtk.vtkVector3d(*p), f"L{n}")
-        moving.AddControlPoint(vtk.vtkVector3d(*(np.array(p) + t[:3, 3] + [0.0, 0.0, 1.0 * n])), f"L{n}")
-    res = qa.landmark_errors(node, fixed, moving)
-    assert res["after"]["mean"] == pytest.approx(0.5)  # 0 and 1 mm
-    assert res["before"]["max"] == pytest.approx(np.sqrt(25 + 1))
-    assert [r[0] for r in res["per_point"]] == ["L0", "L1"]
-    moving.RemoveNthControlPoint(1)
-    with pytest.raises(ValueError, match="same number"):
-        qa.landmark_errors(node, fixed, moving)
-
-
-def test_inverse_consistency(scene):
-    ref = _volume(scene)
-    t = np.eye(4)
-    t[:3, 3] = (2.0, 0.0, 0.0)
-    forward = _linear(scene, t, "fwd")
-    assert qa.inverse_consistency(forward, ref)["max"] == pytest.approx(0.0, abs=1e-9)
-    wrong = _linear(scene, np.eye(4), "identity")
-    assert qa.inverse_consistency(forward, ref, inverse_node=wrong)["mean"] == pytest.approx(2.0)
-
-
-def test_label_overlap_dice_and_hd95(scene):
-    a = np.zeros(SHAPE, np.int16)
-    b = np.zeros(SHAPE, np.int16)
-    a[2:6, 2:6, 2:6] = 1
-    b[2:6, 2:6, 4:8] = 1  # shifted by 2 voxels along i (2 x 1.5 mm)
-    fa = _volume(scene, "fixed labels", "vtkMRMLLabelMapVolumeNode", a)
-    fb = _volume(scene, "warped labels", "vtkMRMLLabelMapVolumeNode", b)
-    res = qa.label_overlap(fa, fb)
-    assert res["dice"][1] == pytest.approx(0.5)
-    assert res["hd95_mm"][1] == pytest.approx(3.0)
-    other = _volume(scene, "elsewhere", "vtkMRMLLabelMapVolumeNode", b)
-    other.SetOrigin(0.0, 0.0, 0.0)
-    with pytest.raises(ValueError, match="not on the grid"):
-        qa.label_overlap(fa, other)
-
-
 def test_report_table(scene):
     rows = qa.report_rows({"folding_percent": 0.5, "tre": {"before": {"mean": 3.0}}, "jacobian": np.ones(3),
-                           "method": "iterative"})
-    assert rows == [("folding_percent", "0.5"), ("tre.before.mean", "3"), ("method", "iterative")]
+                           "method": "iterative", "linear": True, "tre_per_point": [["L0", 1.0, 0.5]]})
+    assert rows == [("folding_percent", "0.5"), ("tre.before.mean", "3"), ("method", "iterative"), ("linear", "yes")]
     table = scene.AddNewNodeByClass("vtkMRMLTableNode", "report")
     qa.fill_table(table, rows)
-    assert table.GetNumberOfRows() == 3 and table.GetCellText(1, 0) == "tre.before.mean"
+    assert table.GetNumberOfRows() == 4 and table.GetCellText(1, 0) == "tre.before.mean"
 
 
 # -- the module's Logic (DeformationQA.DeformationQALogic) ----------------------------------------
@@ -167,25 +80,56 @@ def test_related_nodes_of_a_registration_result(scene):
     assert set(_logic().relatedNodes(_linear(scene, t, "elastix")).values()) == {None}
 
 
-def test_logic_report_with_an_explicit_inverse_and_the_method(scene):
+def _points(scene, name, points):
+    node = scene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", name)
+    for n, p in enumerate(points):
+        node.AddControlPoint(vtk.vtkVector3d(*p), f"L{n}")
+    return node
+
+
+def _segmentations(scene, arrays):
+    logic = slicer.vtkSlicerSegmentationsModuleLogic()
+    logic.SetMRMLScene(scene)
+    segs = []
+    for name, arr in arrays:
+        lab = _volume(scene, name + " source", "vtkMRMLLabelMapVolumeNode", arr)
+        seg = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", name)
+        assert logic.ImportLabelmapToSegmentationNode(lab, seg)
+        segs.append(seg)
+    logic.SetMRMLScene(None)
+    return segs
+
+
+def test_logic_report_with_inverse_landmarks_segmentations_and_the_method(scene):
     ref = _volume(scene)
     t = np.diag([1.1, 0.9, 1.0, 1.0])
     t[:3, 3] = (1.0, 0.0, -2.0)
     forward = _tag(_linear(scene, t, "fwd"), ref, ref, "transform", method="dnet")
     exact = _linear(scene, np.linalg.inv(t), "exact inverse")
-    wrong = _linear(scene, np.eye(4), "not an inverse")
+    p = np.array([[0.0, 0.0, 0.0], [10.0, 5.0, -2.0]])
+    mapped = (p @ t[:3, :3].T) + t[:3, 3]
+    fixed_points = _points(scene, "F", p)
+    moving_points = _points(scene, "M", mapped + [[0.0, 0.0, 0.0], [0.0, 0.0, 1.0]])  # 0 and 1 mm off
+    a = np.zeros(SHAPE, np.int16)
+    b = np.zeros(SHAPE, np.int16)
+    a[2:6, 2:6, 2:6] = 1
+    b[2:6, 2:6, 4:8] = 1  # shifted by 2 voxels along i (2 x 1.5 mm)
+    segs = _segmentations(scene, (("fixed seg", a), ("warped seg", b)))
     table = scene.AddNewNodeByClass("vtkMRMLTableNode", "report")
-    logic = _logic()
-    stats = logic.report(forward, ref, table, inverseTransform=exact)
-    assert stats["method"] == "dnet"
-    assert stats["inverse_consistency_mm"]["max"] < 1e-6
+    n_nodes = scene.GetNumberOfNodes()
+    stats = _logic().report(forward, ref, table, inverseTransform=exact, fixedLandmarks=fixed_points,
+                            movingLandmarks=moving_points, fixedSegmentation=segs[0], warpedSegmentation=segs[1])
+    assert scene.GetNumberOfNodes() == n_nodes  # the report adds no node and leaves none behind
+    assert stats["method"] == "dnet" and stats["inverse"] == "given"
+    assert stats["inverse_consistency_mm"]["max"] < 1e-5
     assert stats["jacobian_min"] == pytest.approx(0.99, abs=1e-6)  # det = 1.1 * 0.9 * 1.0
+    assert stats["tre_after_mm"]["mean"] == pytest.approx(0.5, abs=1e-6)
+    assert stats["dice"]["1"] == pytest.approx(0.5) and stats["hd95_mm"]["1"] == pytest.approx(3.0)
     rows = {table.GetCellText(r, 0): table.GetCellText(r, 1) for r in range(table.GetNumberOfRows())}
-    assert rows["method"] == "dnet" and rows["folding_percent"] == "0"
-    assert logic.report(forward, ref, table, inverseTransform=wrong)["inverse_consistency_mm"]["mean"] > 0.5
+    assert rows["method"] == "dnet" and rows["folding_percent"] == "0" and rows["dice.1"] == "0.5"
 
 
-def test_logic_jacobian_and_magnitude_volumes(scene):
+def test_logic_maps_of_a_linear_and_a_grid_transform(scene):
     from DeepRegistrationLib import scene as dscene
     ref = _volume(scene)
     t = _linear(scene, np.diag([1.1, 1.1, 1.1, 1.0]))
@@ -195,28 +139,46 @@ def test_logic_jacobian_and_magnitude_volumes(scene):
     assert (jac.GetDisplayNode().GetWindowLevelMin(), jac.GetDisplayNode().GetWindowLevelMax()) == dscene.JACOBIAN_WINDOW
     assert jac.GetNodeReferenceID("DeepReg.transform") == t.GetID()
     np.testing.assert_allclose(slicer.util.arrayFromVolume(jac), 1.331, atol=1e-4)
-    mag, mstats = logic.magnitudeVolume(t, ref)
+    np.testing.assert_allclose(_ijk_to_ras(jac), _ijk_to_ras(ref), atol=1e-6)  # on the reference grid
+    assert stats["folding_percent"] == 0.0
+    # a grid transform node whose FromParent displacement is a ramp in RAS x: u_x = 0.2 (x - x0)
+    grid_node = scene.AddNewNodeByClass("vtkMRMLGridTransformNode", "ramp")
+    disp = vtk.vtkImageData()
+    disp.SetDimensions(SHAPE[2], SHAPE[1], SHAPE[0])
+    disp.SetSpacing(1.5, 1.0, 2.0)
+    disp.SetOrigin(-5.0, 3.0, 10.0)
+    disp.AllocateScalars(vtk.VTK_DOUBLE, 3)
+    arr = vtk.util.numpy_support.vtk_to_numpy(disp.GetPointData().GetScalars()).reshape(SHAPE + (3,))
+    arr[...] = 0
+    arr[..., 0] = 0.2 * (np.arange(SHAPE[2]) * 1.5)[None, None, :]
+    grid = slicer.vtkOrientedGridTransform()
+    grid.SetDisplacementGridData(disp)
+    grid.SetInterpolationModeToLinear()
+    grid_node.SetAndObserveTransformFromParent(grid)
+    mag, mstats = logic.magnitudeVolume(grid_node, ref)
+    assert mstats["max_displacement_mm"] == pytest.approx(0.2 * 1.5 * (SHAPE[2] - 1), rel=1e-5)
     assert float(slicer.util.arrayFromVolume(mag).max()) == pytest.approx(mstats["max_displacement_mm"], rel=1e-5)
+    assert mstats["jacobian_min"] == pytest.approx(1.2, abs=1e-4) or mstats["jacobian_min"] < 1.2  # edges
     assert "jacobian" not in stats and "magnitude_mm" not in mstats  # numbers only, the maps are nodes
 
 
-def test_label_overlap_of_segmentations_leaves_the_scene_as_it_was(scene):
-    a = np.zeros(SHAPE, np.int16)
-    b = np.zeros(SHAPE, np.int16)
-    a[2:6, 2:6, 2:6] = 1
-    b[2:6, 2:6, 4:8] = 1
-    segs = []
-    logic = slicer.vtkSlicerSegmentationsModuleLogic()
-    logic.SetMRMLScene(scene)
-    for name, arr in (("fixed seg", a), ("warped seg", b)):
-        lab = _volume(scene, name + " source", "vtkMRMLLabelMapVolumeNode", arr)
-        seg = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", name)
-        assert logic.ImportLabelmapToSegmentationNode(lab, seg)
-        segs.append(seg)
-    logic.SetMRMLScene(None)
+def _ijk_to_ras(node):
+    m = vtk.vtkMatrix4x4()
+    node.GetIJKToRASMatrix(m)
+    return np.array([[m.GetElement(r, c) for c in range(4)] for r in range(4)])
+
+
+def test_logic_refuses_what_it_cannot_check_before_starting(scene):
     ref = _volume(scene)
-    n_nodes = scene.GetNumberOfNodes()
-    res = qa.label_overlap(segs[0], segs[1], ref)
-    assert res["dice"][1] == pytest.approx(0.5)
-    assert res["hd95_mm"][1] == pytest.approx(3.0)
-    assert scene.GetNumberOfNodes() == n_nodes
+    parent = _linear(scene, np.eye(4), "parent")
+    child = _linear(scene, np.diag([1.1, 1.0, 1.0, 1.0]), "child")
+    child.SetAndObserveTransformNodeID(parent.GetID())
+    with pytest.raises(ValueError, match="harden"):
+        _logic().start(child, ref)
+    with pytest.raises(ValueError, match="both point lists"):
+        _logic().start(parent, ref, fixedLandmarks=_points(scene, "F", [(0.0, 0.0, 0.0)]))
+    # bad input found by the worker: its message, not a traceback
+    with pytest.raises(RuntimeError, match="same number") as err:
+        _logic().run(parent, ref, fixedLandmarks=_points(scene, "F2", [(0.0, 0.0, 0.0), (1.0, 0.0, 0.0)]),
+                     movingLandmarks=_points(scene, "M2", [(0.0, 0.0, 0.0)]), outputs=())
+    assert "Traceback" not in str(err.value)

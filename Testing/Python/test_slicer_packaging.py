@@ -3,6 +3,7 @@
 ``slicerMacroBuildScriptedModule`` (every helper file installed) and their self-tests
 registered with ``slicer_add_python_unittest``; the ``.s4ext`` and index JSON agree."""
 import json
+import os
 import re
 from pathlib import Path
 
@@ -81,3 +82,60 @@ def test_module_metadata_is_registration(module):
     source = (MODULE_DIR / f"{module}.py").read_text()
     assert 'self.parent.categories = ["Registration"]' in source
     assert "self.parent.helpText" in source and "self.parent.acknowledgementText" in source
+
+
+REPOSITORY = "DeepRegExtension/DeepRegExtension"
+
+
+def test_license_is_the_apache_license_pyproject_names():
+    text = (ROOT / "LICENSE").read_text()
+    assert "Apache License" in text and "Version 2.0, January 2004" in text and "END OF TERMS AND CONDITIONS" in text
+    assert 'license = { text = "Apache-2.0" }' in (ROOT / "pyproject.toml").read_text()
+
+
+def test_every_url_names_one_repository_and_files_that_exist():
+    """The Extensions Index reads the homepage, icon and screenshots from the repository the
+    ``.s4ext`` names: every URL must name that repository, and the raw file URLs existing files
+    on its ``main`` branch (here: this checkout)."""
+    sources = {name: (ROOT / name).read_text() for name in
+               ("CMakeLists.txt", "DeepRegExtension.s4ext", "DeepRegExtension.json", "pyproject.toml")}
+    urls = {(name, u) for name, text in sources.items() for u in re.findall(r"https://[^\s\"')]+", text)
+            if "schema" not in u.lower()}
+    assert len(urls) >= 10, urls
+    for name, url in urls:
+        assert f"github.com/{REPOSITORY}" in url or f"githubusercontent.com/{REPOSITORY}/" in url, (name, url)
+        raw = re.match(rf"https://raw\.githubusercontent\.com/{REPOSITORY}/main/(.+)", url)
+        if raw:
+            assert (ROOT / raw.group(1)).is_file(), (name, url)
+
+
+def test_the_weights_are_installed_once():
+    text = _cmake(MODULE_DIR / "CMakeLists.txt")
+    assert "deepreglib/models" not in text, "the weights must not be installed a second time"
+    assert text.count("${_model_files}") == 1
+
+
+def test_engine_finds_the_weights_in_the_slicer_install_layout(tmp_path):
+    """Installed by Slicer: ``qt-scripted-modules/deepreglib`` beside
+    ``qt-scripted-modules/Resources/Models``; the worker finds the weights there, and the module
+    names the folder to its worker."""
+    import shutil
+    import subprocess
+    import sys
+    install = tmp_path / "lib" / "Slicer-5.10" / "qt-scripted-modules"
+    shutil.copytree(MODULE_DIR / "deepreglib", install / "deepreglib",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    (install / "Resources" / "Models").mkdir(parents=True)
+    env = {k: v for k, v in os.environ.items() if k != "DEEPREG_MODELS"}
+    env["PYTHONPATH"] = str(install)
+    done = subprocess.run([sys.executable, "-c", "import deepreglib.modelio as m; print(m.__file__); print(m.models_dir())"],
+                          capture_output=True, text=True, env=env, cwd=str(tmp_path), timeout=120)
+    assert done.returncode == 0, done.stderr
+    module_file, found = done.stdout.strip().splitlines()
+    assert module_file.startswith(str(install))
+    assert Path(found) == install / "Resources" / "Models"
+    sys.path.insert(0, str(MODULE_DIR))
+    from DeepRegistrationLib.process import worker_environment
+    env = worker_environment(str(install), str(install / "Resources" / "Models"))
+    assert env["DEEPREG_MODELS"] == str(install / "Resources" / "Models")
+    assert env["PYTHONPATH"].split(os.pathsep)[0] == str(install)

@@ -13,20 +13,14 @@ from typing import List, Optional
 
 from ..align import register_initializer
 from ..modelio import models_dir
-from .dnet import WEIGHTS_STEM as DNET_STEM, dnet_initializer
-from .same import SAM_WEIGHTS_STEM, WEIGHTS_STEM as SAME_STEM, same_affine_initializer
+from ..protocol import REFINED_BY, learned_initialization_weights
+from .dnet import dnet_initializer
+from .same import same_affine_initializer
 
-#: ``--init`` name -> (initializer, model file stems it can use, first found wins)
-LEARNED_INITIALIZERS = {
-    "dnet": (dnet_initializer, (DNET_STEM,)),
-    "same-affine": (same_affine_initializer, (SAM_WEIGHTS_STEM, SAME_STEM)),
-}
-
-
-#: learned initializer -> the iterative one that polishes its result: ``--init dnet+rigid`` is
-#: D-Net's pose (any rotation, coarse) refined by the engine's multi-resolution rigid
-#: registration started from it (precise, but only within its capture range of about +-70 deg)
-REFINED_BY = {"dnet": "rigid", "same-affine": "affine"}
+#: ``--init`` name -> initializer; which weights each one uses, and which iterative
+#: initializer polishes its result (:data:`REFINED_BY`), is the protocol's table, which the Slicer
+#: module reads too (:data:`deepreglib.protocol.LEARNED_INITIALIZER_WEIGHTS`)
+LEARNED_INITIALIZERS = {"dnet": dnet_initializer, "same-affine": same_affine_initializer}
 
 
 def refined(first, second: str):
@@ -52,15 +46,14 @@ def register_learned_initializers(folder: Optional[Path] = None) -> List[str]:
     ``NAME+affine``, :data:`REFINED_BY`); returns the names registered."""
     folder = Path(folder) if folder is not None else models_dir()
     names = []
-    for name, (fn, stems) in LEARNED_INITIALIZERS.items():
-        for stem in stems:
-            path = folder / f"{stem}.pt"
-            if path.is_file():
-                learned = partial(fn, weights=path)
-                register_initializer(name, learned)
-                register_initializer(f"{name}+{REFINED_BY[name]}", refined(learned, REFINED_BY[name]))
-                names += [name, f"{name}+{REFINED_BY[name]}"]
-                break
+    weights = learned_initialization_weights(folder)
+    for name, fn in LEARNED_INITIALIZERS.items():
+        if name in weights:
+            learned = partial(fn, weights=weights[name])
+            polished = f"{name}+{REFINED_BY[name]}"
+            register_initializer(name, learned)
+            register_initializer(polished, refined(learned, REFINED_BY[name]))
+            names += [name, polished]
     return names
 
 
