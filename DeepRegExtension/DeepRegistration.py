@@ -413,12 +413,12 @@ class DeepRegistrationLogic(ScriptedLoadableModuleLogic):
 
     @staticmethod
     def methods():
-        from deepreglib.registry import METHODS
+        from deepreglib.methods.registry import METHODS
         return list(METHODS.values())
 
     @staticmethod
     def methodInfo(name: str):
-        from deepreglib.registry import METHODS
+        from deepreglib.methods.registry import METHODS
         return METHODS.get(name)
 
     @staticmethod

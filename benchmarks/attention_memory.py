@@ -51,7 +51,7 @@ def _naive_attend(query, key, value):
 def _child(case: str, shape, device: str, threads: int) -> dict:
     import torch
     torch.set_num_threads(threads)
-    from deepreglib.modelio import load_model, models_dir
+    from deepreglib.methods.weights import load_model, models_dir
     from deepreglib.networks import carnet as carnet_module
     dev = torch.device(device)
     g = torch.Generator().manual_seed(0)

@@ -2,7 +2,7 @@
 
 A case is a dict: dataset, name, fixed, moving (paths), optional fixed_labels / moving_labels
 (paths of integer label maps), optional fixed_landmarks / moving_landmarks (paths of
-corresponding point lists, LPS mm, read by ``deepreglib.io.read_landmarks``), optional
+corresponding point lists, LPS mm, read by ``deepreglib.io.images.read_landmarks``), optional
 gt_displacement (path of an ITK displacement field on the fixed grid, LPS mm: the true
 fixed->moving map), labels_of_interest and a note on how the pair was made. Everything is
 generated deterministically from seeds, and sets whose source folder is absent are skipped with
@@ -29,12 +29,12 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
-from deepreglib.fields import integrate_velocity
-from deepreglib.geometry import Grid
-from deepreglib.io import (displacement_to_sitk, image_to_tensor, tensor_to_image, write_displacement_field,
+from deepreglib.core.fields import integrate_velocity
+from deepreglib.core.geometry import Grid
+from deepreglib.io.images import (displacement_to_sitk, image_to_tensor, tensor_to_image, write_displacement_field,
                            write_image, write_landmarks_csv)
-from deepreglib.synth import random_velocity, synth_pair
-from deepreglib.warp import warp
+from deepreglib.train.synth import random_velocity, synth_pair
+from deepreglib.core.warp import warp
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 

@@ -23,9 +23,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from deepreglib.methods.dnet_training import rigid_training_pair, whole_volume_batch
-from deepreglib.modelio import load_model, models_dir
-from deepreglib.train import load_real_volumes
+from deepreglib.methods.dnet.training import rigid_training_pair, whole_volume_batch
+from deepreglib.methods.weights import load_model, models_dir
+from deepreglib.train.loop import load_real_volumes
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 RESULTS = Path(__file__).resolve().parent / "results"

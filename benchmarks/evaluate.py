@@ -6,7 +6,7 @@
 
 Runs, on every pair of the chosen datasets:
 
-* every method of the engine's registry (``deepreglib.registry.METHODS``), through the same entry
+* every method of the engine's registry (``deepreglib.methods.registry.METHODS``), through the same entry
   point as the worker (``pipeline.register``), and again with ``--refine N`` where the method
   supports refinement and is deformable; a method whose weights file is missing under
   ``Resources/Models`` is skipped with a message;
@@ -60,11 +60,11 @@ sys.path.insert(0, str(HERE))
 import peers  # noqa: E402
 from datasets import DATASETS, build  # noqa: E402
 
-from deepreglib.io import read_displacement_field, read_landmarks, sitk_to_displacement  # noqa: E402
-from deepreglib.jacobian import folding_fraction, jacobian_determinant, std_log_jacobian  # noqa: E402
-from deepreglib.metrics import dice_per_label, hd95  # noqa: E402
-from deepreglib.modelio import models_dir  # noqa: E402
-from deepreglib.registry import METHODS  # noqa: E402
+from deepreglib.io.images import read_displacement_field, read_landmarks, sitk_to_displacement  # noqa: E402
+from deepreglib.core.jacobian import folding_fraction, jacobian_determinant, std_log_jacobian  # noqa: E402
+from deepreglib.core.metrics import dice_per_label, hd95  # noqa: E402
+from deepreglib.methods.weights import models_dir  # noqa: E402
+from deepreglib.methods.registry import METHODS  # noqa: E402
 
 #: environment of every child process: the same number of threads for torch, ITK (ANTs,
 #: elastix, SimpleITK) and any OpenMP/BLAS library
@@ -191,7 +191,7 @@ def load_transform(path: str, kind: str) -> sitk.Transform:
 
 def dense_field(transform: sitk.Transform, fixed_img: sitk.Image) -> torch.Tensor:
     """``T(p) - p`` at every fixed voxel centre as an engine field ``(1, 3, D, H, W)`` in voxels
-    (:func:`deepreglib.io.sitk_to_displacement`): the same representation for every run."""
+    (:func:`deepreglib.io.images.sitk_to_displacement`): the same representation for every run."""
     to_field = sitk.TransformToDisplacementFieldFilter()
     to_field.SetReferenceImage(fixed_img)
     to_field.SetOutputPixelType(sitk.sitkVectorFloat64)

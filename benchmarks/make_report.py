@@ -145,7 +145,7 @@ def accuracy_section(lines):
 def _budget_note(spec: dict) -> str:
     """What a configuration's weights were trained with, read from their model card (the
     ``--extra`` file's own card, else the shipped weights of the registry entry)."""
-    from deepreglib.registry import METHODS
+    from deepreglib.methods.registry import METHODS
     if spec.get("kind") != "engine":
         return "no registration" if spec.get("name") == "identity" else "peer"
     if spec.get("weights"):

@@ -134,8 +134,8 @@ def posed_pair(img: sitk.Image, lab: sitk.Image, theta: float):
 
 def engine_initializer(name: str, **options) -> Callable:
     def run(fixed, moving, device):
-        from deepreglib.align import INITIALIZERS, initial_transform
-        from deepreglib.io import image_to_tensor
+        from deepreglib.classic.align import INITIALIZERS, initial_transform
+        from deepreglib.io.images import image_to_tensor
         from deepreglib.methods import learned_init  # noqa: F401  (registers dnet / same-affine)
         if name not in INITIALIZERS:
             raise LookupError(f"--init {name} is not available (are its weights shipped?)")

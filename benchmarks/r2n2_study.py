@@ -36,15 +36,15 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
-from deepreglib.geometry import Grid
-from deepreglib.io import displacement_to_sitk, sitk_to_displacement, tensor_to_image
+from deepreglib.core.geometry import Grid
+from deepreglib.io.images import displacement_to_sitk, sitk_to_displacement, tensor_to_image
 from deepreglib.methods.base import RunContext
-from deepreglib.metrics import dice_per_label
-from deepreglib.methods.r2n2_training import bump_pair_images
-from deepreglib.networks.r2n2_transform import random_local_deformations
-from deepreglib.registry import get_method_info
-from deepreglib.synth import synth_pair
-from deepreglib.warp import warp
+from deepreglib.core.metrics import dice_per_label
+from deepreglib.methods.r2n2.training import bump_pair_images
+from deepreglib.methods.r2n2.gaussians import random_local_deformations
+from deepreglib.methods.registry import get_method_info
+from deepreglib.train.synth import synth_pair
+from deepreglib.core.warp import warp
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SHAPE = (64, 64, 64)
@@ -122,7 +122,7 @@ def main(argv=None) -> int:
     p.add_argument("--meshes", nargs="+", type=int, default=None, help="B-spline mesh sizes")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    from deepreglib.registry import create_method
+    from deepreglib.methods.registry import create_method
     grid = Grid(SHAPE, (SPACING,) * 3, (0.0, 0.0, 0.0), tuple(np.eye(3).ravel()))
     steps_list: List[int] = [1, 3, 6, 12] if args.quick else [1, 3, 6, 12, 24]
     meshes: List[int] = args.meshes or ([2, 4] if args.quick else [2, 4, 6, 8])

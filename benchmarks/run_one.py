@@ -39,7 +39,7 @@ def _peak_rss_mb() -> float:
 
 
 def run_engine(spec: dict) -> dict:
-    from deepreglib.pipeline import RegisterOptions, register
+    from deepreglib.run.pipeline import RegisterOptions, register
     opts = RegisterOptions(fixed=spec["fixed"], moving=spec["moving"], out=spec["out"], method=spec["name"],
                            device=spec.get("device", "cpu"), refine=int(spec.get("refine", 0)), qa=False,
                            threads=spec.get("threads"), weights=spec.get("weights"))

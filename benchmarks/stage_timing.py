@@ -32,7 +32,7 @@ def make_pair(folder: Path):
     if a.is_file() and b.is_file():
         return str(a), str(b), "oasis_unlabeled subject_1 <- subject_2"
     import SimpleITK as sitk
-    from deepreglib.synth import example_pair
+    from deepreglib.train.synth import example_pair
     pair = example_pair((224, 192, 160), seed=0)
     paths = []
     for name, t in (("fixed", pair.fixed), ("moving", pair.moving)):

@@ -27,9 +27,10 @@ import time
 from dataclasses import dataclass
 from typing import Deque, Dict, List, Optional, Sequence
 
-from deepreglib.protocol import (CLASSIC_INITIALIZATIONS, EVENT_ERROR, EVENT_LOG,  # noqa: F401 (re-exported)
-                                 EVENT_PROGRESS, EVENT_RESULT, ERROR_BAD_INPUT, EXIT_BAD_INPUT,
-                                 EXIT_CANCELLED, EXIT_INTERNAL, EXIT_OK, initialization_choices)
+from deepreglib.io.protocol import (EVENT_ERROR, EVENT_LOG, EVENT_PROGRESS, EVENT_RESULT,  # noqa: F401
+                                    ERROR_BAD_INPUT, EXIT_BAD_INPUT, EXIT_CANCELLED, EXIT_INTERNAL, EXIT_OK)
+from deepreglib.io.protocol import CLASSIC_INIT_CHOICES as CLASSIC_INITIALIZATIONS  # noqa: F401
+from deepreglib.methods.registry import initialization_choices  # noqa: F401 (torch-free)
 
 #: Windows has no polite SIGTERM for a console child of a GUI program: the tree is ended at once
 #: (``taskkill /T /F``). Nothing is lost: the worker writes its outputs under a temporary name
@@ -105,7 +106,7 @@ def register_command(fixed: str, moving: str, out: str, method: str, python: Opt
 
     Args:
         fixed, moving, out: paths (``out`` must be new or empty; the worker checks).
-        method: a :data:`deepreglib.registry.METHODS` name.
+        method: a :data:`deepreglib.methods.registry.METHODS` name.
         options: more ``--name value`` pairs by CLI name without dashes, e.g.
             ``{"fixed-mask": path, "moving-landmarks": path, "initial-transform": path}``;
             ``None`` values are left out.

@@ -4,7 +4,7 @@ Works for transforms made by this extension, SlicerElastix, SlicerANTs or by han
 computed here, and torch is never imported into Slicer's process: the transform node is written
 with Slicer's own storage node (ITK's file, LPS, FromParent: fixed -> moving), the reference
 volume, point lists and label maps beside it, and the worker command ``deepreg qa``
-(:mod:`deepreglib.transform_qa`) samples the transform at every reference voxel and computes
+(:mod:`deepreglib.report.transform_qa`) samples the transform at every reference voxel and computes
 every number in a background process. Its manifest lists the maps (Jacobian determinant,
 displacement magnitude), which are read back with Slicer's storage nodes, and the numbers.
 """
@@ -16,7 +16,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from deepreglib.protocol import read_manifest
+from deepreglib.io.protocol import read_manifest
 
 from . import scene as dscene
 from .process import default_python, worker_command

@@ -9,7 +9,7 @@ left out, so a second run registers the original moving volume again.
 
 Outputs: ``manifest.json`` lists every output (name, kind, path, grid). They are read with
 Slicer's own storage nodes, so what Slicer shows is what Slicer would read from the files. Every
-kind an engine method writes has a node type (:data:`deepreglib.protocol.OUTPUT_KINDS`):
+kind an engine method writes has a node type (:data:`deepreglib.io.protocol.OUTPUT_KINDS`):
 
 * ``volume`` -> the warped volume, or a method map (attention, uncertainty, ROI mask, fusion
   weight, similarity...) as a scalar volume marked :data:`OVERLAY_ATTRIBUTE`, shown as a
@@ -47,15 +47,15 @@ from typing import Dict, List, Optional
 
 import numpy as np
 
-from deepreglib import protocol
-from deepreglib.protocol import FOLDING_RGB, JACOBIAN_WINDOW, OUTPUT_KINDS, read_manifest  # noqa: F401
+from deepreglib.io import exchange
+from deepreglib.io.protocol import FOLDING_RGB, JACOBIAN_WINDOW, OUTPUT_KINDS, read_manifest  # noqa: F401
 
 ATTRIBUTE_PREFIX = "DeepReg."
 FIXED_REFERENCE_ROLE = "DeepReg.fixedVolume"
 MOVING_REFERENCE_ROLE = "DeepReg.movingVolume"
 JACOBIAN_COLOR_NODE_NAME = "DeepReg Jacobian (folding, shrink, grow)"
 
-_LPS_RAS = protocol.LPS_FROM_RAS  # RAS <-> LPS: negate x and y (its own inverse)
+_LPS_RAS = exchange.LPS_FROM_RAS  # RAS <-> LPS: negate x and y (its own inverse)
 
 
 def _slicer():
@@ -130,7 +130,7 @@ def volume_to_sitk(volume_node, ignore_parent: bool = False):
 def write_volume(volume_node, path, ignore_parent: bool = False) -> str:
     """Write a volume node for the worker (``.nrrd``/``.nii.gz``/``.mha``) in LPS; returns the
     path. The node is not changed (no storage node is attached to it)."""
-    protocol.write_image(volume_to_sitk(volume_node, ignore_parent), str(path))
+    exchange.write_image(volume_to_sitk(volume_node, ignore_parent), str(path))
     return str(path)
 
 
@@ -199,7 +199,7 @@ def write_points(markups_node, path) -> str:
         names.append(markups_node.GetNthControlPointLabel(i) or str(i + 1))
     if not points:
         raise ValueError(f"point list '{markups_node.GetName()}' has no placed points")
-    protocol.write_markups_json(str(path), protocol.ras_to_lps(points), names,
+    exchange.write_markups_json(str(path), exchange.ras_to_lps(points), names,
                                 name=markups_node.GetName())
     return str(path)
 
@@ -212,7 +212,7 @@ def query_point_lps(markups_node) -> List[float]:
         if markups_node.GetNthControlPointPositionStatus(i) == markups_node.PositionDefined:
             p = [0.0, 0.0, 0.0]
             markups_node.GetNthControlPointPositionWorld(i, p)
-            return [float(v) for v in protocol.ras_to_lps([p])[0]]
+            return [float(v) for v in exchange.ras_to_lps([p])[0]]
     raise ValueError(f"point list '{markups_node.GetName()}' has no placed point to use as the query point")
 
 
@@ -223,7 +223,7 @@ def write_linear_transform_node(transform_node, path) -> str:
         raise ValueError(f"the initial transform '{transform_node.GetName()}' must be linear")
     m = _vtk().vtkMatrix4x4()
     transform_node.GetMatrixTransformFromWorld(m)
-    protocol.write_linear_transform(_LPS_RAS @ _matrix(m) @ _LPS_RAS, str(path))
+    exchange.write_linear_transform(_LPS_RAS @ _matrix(m) @ _LPS_RAS, str(path))
     return str(path)
 
 

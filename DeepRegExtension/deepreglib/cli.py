@@ -15,7 +15,7 @@ import traceback
 from pathlib import Path
 from typing import List, Optional
 
-from .protocol import EXIT_BAD_INPUT, EXIT_CANCELLED, EXIT_INTERNAL, EXIT_OK
+from .io.protocol import EXIT_BAD_INPUT, EXIT_CANCELLED, EXIT_INTERNAL, EXIT_OK
 
 
 class _ArgumentParser(argparse.ArgumentParser):
@@ -23,13 +23,13 @@ class _ArgumentParser(argparse.ArgumentParser):
     message must also be a JSON line, so errors are raised and reported by :func:`main`."""
 
     def error(self, message):
-        from .errors import BadInputError
+        from .core.errors import BadInputError
         raise BadInputError(f"{self.prog}: {message} (see `{self.prog} --help`)")
 
 
 def _register_parser(sub) -> None:
-    from .pipeline import init_choices
-    from .registry import DEFAULT_METHOD, method_names
+    from .run.initializers import init_choices
+    from .methods.registry import DEFAULT_METHOD, method_names
     p = sub.add_parser("register", help="register a moving image to a fixed image",
                        description="Register MOVING to FIXED and write the warped image, the transform, "
                                    "the Jacobian map, a QA picture and manifest.json to OUT.")
@@ -60,7 +60,7 @@ def _register_parser(sub) -> None:
 
 
 def _cmd_register(args, reporter) -> int:
-    from .pipeline import RegisterOptions, register
+    from .run.pipeline import RegisterOptions, register
     opts = RegisterOptions(
         fixed=args.fixed, moving=args.moving, out=args.out, method=args.method, device=args.device,
         refine=args.refine, init=args.init, initial_transform=args.initial_transform,
@@ -76,7 +76,7 @@ def _cmd_register(args, reporter) -> int:
 
 def parse_method_options(items: List[str]) -> dict:
     """``["k=v", ...]`` -> ``{k: v}`` with ``v`` parsed as JSON when possible (else a string)."""
-    from .errors import BadInputError
+    from .core.errors import BadInputError
     options = {}
     for item in items:
         key, sep, value = item.partition("=")
@@ -90,7 +90,7 @@ def parse_method_options(items: List[str]) -> dict:
 
 
 def _cmd_methods(args, reporter) -> int:
-    from .registry import METHODS
+    from .methods.registry import METHODS
     if args.json:
         print(json.dumps([m.to_dict() for m in METHODS.values()], indent=2))
         return EXIT_OK
@@ -102,7 +102,7 @@ def _cmd_methods(args, reporter) -> int:
 
 
 def _cmd_devices(args, reporter) -> int:
-    from .devices import list_devices
+    from .run.devices import list_devices
     devices = list_devices()
     if args.json:
         print(json.dumps({"event": "result", "devices": devices}), flush=True)
@@ -113,7 +113,7 @@ def _cmd_devices(args, reporter) -> int:
 
 
 def _cmd_qa(args, reporter) -> int:
-    from .transform_qa import QAOptions, run_qa
+    from .report.transform_qa import QAOptions, run_qa
     opts = QAOptions(transform=args.transform, reference=args.reference, out=args.out,
                      inverse=args.inverse, fixed_landmarks=args.fixed_landmarks,
                      moving_landmarks=args.moving_landmarks, fixed_labels=args.fixed_labels,
@@ -124,13 +124,14 @@ def _cmd_qa(args, reporter) -> int:
 
 
 def _cmd_train(args, reporter) -> int:
-    from .train import train
-    train(args, log=lambda msg: print(msg, flush=True))
+    from .methods.registry import training_recipes
+    from .train.loop import train
+    train(args, training_recipes(), log=lambda msg: print(msg, flush=True))
     return EXIT_OK
 
 
 def _cmd_report(args, reporter) -> int:
-    from .report import report_from_manifest
+    from .report.qa import report_from_manifest
     path = report_from_manifest(args.manifest, args.out)
     print(path)
     return EXIT_OK
@@ -138,11 +139,11 @@ def _cmd_report(args, reporter) -> int:
 
 def _cmd_example(args, reporter) -> int:
     """Make the bundled example pair (deterministic brain-like phantoms) and register it."""
-    from .example import write_example_pair
-    from .pipeline import RegisterOptions, register
-    from .registry import DEFAULT_METHOD
+    from .run.example import write_example_pair
+    from .run.pipeline import RegisterOptions, register
+    from .methods.registry import DEFAULT_METHOD
     out = Path(args.out)
-    from .pipeline import check_output_folder
+    from .run.options import check_output_folder
     check_output_folder(out)
     inputs = out.resolve().parent / f"{out.name}_inputs"
     fixed, moving, fixed_labels, moving_labels = write_example_pair(inputs)
@@ -169,9 +170,10 @@ def build_parser() -> argparse.ArgumentParser:
     _register_parser(sub)
     pm = sub.add_parser("methods", help="list the registration methods")
     pm.add_argument("--json", action="store_true")
-    from .train import add_arguments
+    from .methods.registry import training_recipes
+    from .train.loop import add_arguments
     pt = sub.add_parser("train", help="train (or resume training) a method's network")
-    add_arguments(pt)
+    add_arguments(pt, training_recipes())
     pr = sub.add_parser("report", help="draw the QA picture of a finished run")
     pr.add_argument("manifest", help="a run's manifest.json")
     pr.add_argument("--out", default=None, help="PNG path (default: qa.png beside the manifest)")
@@ -203,12 +205,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _make_reporter(kind: str):
-    from .progress import BarReporter, JsonReporter, SilentReporter
+    from .io.progress import BarReporter, JsonReporter, SilentReporter
     return {"json": JsonReporter, "bar": BarReporter}.get(kind, SilentReporter)()
 
 
 def _on_sigterm(signum, frame):
-    from .errors import CancelledError
+    from .core.errors import CancelledError
     signal.signal(signal.SIGTERM, signal.SIG_IGN)  # once: cleanup must not be interrupted again
     raise CancelledError("cancelled by signal %d" % signum)
 
@@ -219,9 +221,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     argv = list(sys.argv[1:] if argv is None else argv)
     json_mode = "json" in argv and "--progress" in argv
-    from .progress import JsonReporter, BarReporter
+    from .io.progress import JsonReporter, BarReporter
     reporter = JsonReporter() if json_mode else BarReporter()
-    from .errors import BadInputError, CancelledError
+    from .core.errors import BadInputError, CancelledError
     try:
         signal.signal(signal.SIGTERM, _on_sigterm)
         parser = build_parser()

@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from deepreglib.align import (INITIALIZERS, affine_register, center_of_mass_transform,
+from deepreglib.classic.align import (INITIALIZERS, affine_register, center_of_mass_transform,
                               initial_transform, moments_transform, register_initializer)
-from deepreglib.errors import BadInputError, CancelledError
-from deepreglib.geometry import Grid, voxel_grid_points
+from deepreglib.core.errors import BadInputError, CancelledError
+from deepreglib.core.geometry import Grid, voxel_grid_points
 
 
 def _rotation(axis, degrees):

@@ -9,19 +9,19 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from deepreglib.errors import BadInputError
-from deepreglib.fields import resize_field
-from deepreglib.geometry import Grid
-from deepreglib.losses import one_hot
-from deepreglib.methods.amdf import AmdfMethod
-from deepreglib.methods.amdf_training import (amdf_loss, autoencoder_loss, build_amdf, segmenter_loss)
-from deepreglib.modelio import load_model, save_model
-from deepreglib.networks.amdf import (AMDF, LabelAutoEncoder, RoiSegmentationUNet, corrupt_labels,
+from deepreglib.core.errors import BadInputError
+from deepreglib.core.fields import resize_field
+from deepreglib.core.geometry import Grid
+from deepreglib.core.losses import one_hot
+from deepreglib.methods.amdf.method import AmdfMethod
+from deepreglib.methods.amdf.training import (amdf_loss, autoencoder_loss, build_amdf, segmenter_loss)
+from deepreglib.methods.weights import load_model, save_model
+from deepreglib.methods.amdf.network import (AMDF, LabelAutoEncoder, RoiSegmentationUNet, corrupt_labels,
                                       fuse_fields)
-from deepreglib.registry import METHODS, MethodInfo
-from deepreglib.segmentation_losses import LaplacianContourLoss, SoftCrossEntropy, laplacian_edges
-from deepreglib.synth import synth_pair
-from deepreglib.warp import warp
+from deepreglib.methods.registry import METHODS, MethodInfo
+from deepreglib.core.segmentation_losses import LaplacianContourLoss, SoftCrossEntropy, laplacian_edges
+from deepreglib.train.synth import synth_pair
+from deepreglib.core.warp import warp
 
 TINY = dict(encoder=(4, 8, 8, 8), decoder=(8, 8, 8, 4), seg_channels=(4, 8), dfsa_hidden=4)
 
@@ -192,7 +192,7 @@ def test_amdf_recipe_uses_the_trained_nets_and_lowers_the_loss(pair, tmp_path):
 def test_going_on_from_a_trained_amdf_keeps_its_segmenter(pair, tmp_path):
     """``deepreg train amdf --init-from MODEL`` needs no --seg-model: the model carries its own."""
     from deepreglib.cli import main as cli_main
-    from deepreglib.modelio import load_model
+    from deepreglib.methods.weights import load_model
     torch.manual_seed(3)
     seg = RoiSegmentationUNet((4, 8))
     trained = AMDF(seg_channels=[4, 8], seg_classes=2)
@@ -213,7 +213,7 @@ def test_going_on_from_a_trained_amdf_keeps_its_segmenter(pair, tmp_path):
 
 def _info():
     return MethodInfo(name="amdf_test", title="AMDF (test)", description="test", kind="deformable",
-                      weights=None, implementation="deepreglib.methods.amdf:AmdfMethod")
+                      weights=None, implementation="deepreglib.methods.amdf.method:AmdfMethod")
 
 
 VOLUMES = {"roi_mask_fixed", "roi_mask_moving", "fusion_weight_s1", "fusion_weight_s2", "fusion_weight_s4",
@@ -266,7 +266,7 @@ def _blob_image(size_xyz, spacing, origin, direction, centre_shift=0.0):
 
 
 def test_pipeline_writes_the_maps_on_the_fixed_grid(tmp_path, monkeypatch):
-    from deepreglib.pipeline import RegisterOptions, register
+    from deepreglib.run.pipeline import RegisterOptions, register
     direction = sitk.VersorTransform((0.3, -0.2, 0.1), 0.4).GetMatrix()
     fixed = _blob_image((18, 20, 14), (1.4, 1.4, 2.0), (-3.0, 4.0, 1.0), direction)
     moving = _blob_image((18, 20, 14), (1.4, 1.4, 2.0), (-3.0, 4.0, 1.0), direction, 1.5)

@@ -10,15 +10,15 @@ import SimpleITK as sitk
 import torch
 import torch.nn.functional as F
 
-from deepreglib.errors import BadInputError
-from deepreglib.geometry import Grid
+from deepreglib.core.errors import BadInputError
+from deepreglib.core.geometry import Grid
 from deepreglib.methods.base import RunContext
-from deepreglib.methods.carnet import CarNetMethod
-from deepreglib.methods.carnet_training import carnet_loss
-from deepreglib.modelio import load_model, save_model
-from deepreglib.networks.carnet import CarNet, CoAttention3D
-from deepreglib.registry import METHODS, MethodInfo
-from deepreglib.synth import synth_pair
+from deepreglib.methods.carnet.method import CarNetMethod
+from deepreglib.methods.carnet.training import carnet_loss
+from deepreglib.methods.weights import load_model, save_model
+from deepreglib.methods.carnet.network import CarNet, CoAttention3D
+from deepreglib.methods.registry import METHODS, MethodInfo
+from deepreglib.train.synth import synth_pair
 
 TINY = dict(features=(4, 8), key_channels=4, value_channels=6, unet_encoder=(8, 8, 8),
             unet_decoder=(8, 8, 8, 8))
@@ -182,7 +182,7 @@ def test_uncertainty_vanishes_with_the_posterior_variance():
 
 def _info(name="carnet_test"):
     return MethodInfo(name=name, title="CAR-Net (test)", description="test", kind="deformable",
-                      weights=None, implementation="deepreglib.methods.carnet:CarNetMethod",
+                      weights=None, implementation="deepreglib.methods.carnet.method:CarNetMethod",
                       outputs=("attention_fixed", "attention_moving", "uncertainty_mm"))
 
 
@@ -231,7 +231,7 @@ def _blob_image(size_xyz, spacing, origin, direction, centre_shift=0.0):
 
 
 def test_pipeline_writes_the_maps_on_the_fixed_grid(tmp_path, monkeypatch):
-    from deepreglib.pipeline import RegisterOptions, register
+    from deepreglib.run.pipeline import RegisterOptions, register
     direction = sitk.VersorTransform((0.1, 0.2, 0.3), 0.3).GetMatrix()
     fixed = _blob_image((20, 18, 14), (1.5, 1.5, 2.0), (3.0, -4.0, 7.0), direction)
     moving = _blob_image((20, 18, 14), (1.5, 1.5, 2.0), (3.0, -4.0, 7.0), direction, 1.5)
@@ -279,7 +279,7 @@ def test_a_short_training_run_lowers_the_loss_on_a_fixed_pair():
 
 def test_training_recipe_runs_and_exports_a_loadable_model(tmp_path):
     from deepreglib.cli import main as cli_main
-    from deepreglib.methods.carnet_training import PRIOR_LAMBDA, build_carnet
+    from deepreglib.methods.carnet.training import PRIOR_LAMBDA, build_carnet
     net = build_carnet(Namespace())
     assert float(net.log_var_head.bias[0].detach()) == pytest.approx(-np.log(6 * PRIOR_LAMBDA))
     args = ["train", "carnet", "--out", str(tmp_path / "run"), "--steps", "1", "--shape", "32", "32", "32",

@@ -9,20 +9,20 @@ import numpy as np
 import pytest
 import torch
 
-from deepreglib import align
-from deepreglib.geometry import Grid, voxel_grid_points
-from deepreglib.methods.dnet import (DNetMethod, dnet_grid, dnet_initializer, normalized_to_index,
+from deepreglib.classic import align
+from deepreglib.core.geometry import Grid, voxel_grid_points
+from deepreglib.methods.dnet.method import (DNetMethod, dnet_grid, dnet_initializer, normalized_to_index,
                                      normalized_to_physical, physical_rigid, rotation_error_deg)
-from deepreglib.methods.dnet_training import _loss as dnet_recipe_loss
-from deepreglib.methods.dnet_training import (dnet_loss_terms, max_angle_at, rigid_training_pair,
+from deepreglib.methods.dnet.training import _loss as dnet_recipe_loss
+from deepreglib.methods.dnet.training import (dnet_loss_terms, max_angle_at, rigid_training_pair,
                                               whole_volume_batch)
-from deepreglib.methods.learned_init import register_learned_initializers
+from deepreglib.run.initializers import register_learned_initializers
 from deepreglib.methods.base import RunContext
-from deepreglib.modelio import save_model
-from deepreglib.networks.dnet import DNet, MutualNonLocal, rotation_to_sixd, sixd_to_rotation
-from deepreglib.resample import resample_to_grid
-from deepreglib.synth import rotation_matrix
-from deepreglib.warp import identity_grid, sample_at
+from deepreglib.methods.weights import save_model
+from deepreglib.methods.dnet.network import DNet, MutualNonLocal, rotation_to_sixd, sixd_to_rotation
+from deepreglib.core.resample import resample_to_grid
+from deepreglib.train.synth import rotation_matrix
+from deepreglib.core.warp import identity_grid, sample_at
 
 TINY = dict(channels=(1, 4, 8, 8, 8, 8, 8), decoder=(8, 8, 8, 8), hidden=16, pool=2)
 
@@ -208,8 +208,9 @@ def test_dnet_initializer_and_composition_with_a_second_transform(tmp_path, monk
 
 
 def test_dnet_method_recovers_a_pinned_pose_through_the_pipeline(tmp_path, monkeypatch):
-    from deepreglib import io, registry
-    from deepreglib.pipeline import RegisterOptions, register
+    from deepreglib.io import images as io
+    from deepreglib.methods import registry
+    from deepreglib.run.pipeline import RegisterOptions, register
 
     oblique = rotation_matrix((0.3, 1.0, 0.2), 0.4)
     fixed_grid = Grid((24, 26, 28), (2.0, 2.0, 2.0), (-25.0, -30.0, -20.0), tuple(oblique.ravel()))
@@ -227,7 +228,7 @@ def test_dnet_method_recovers_a_pinned_pose_through_the_pipeline(tmp_path, monke
     io.write_image(io.tensor_to_image(moving_t, moving_grid), str(tmp_path / "m.nii.gz"))
 
     info = registry.MethodInfo(name="dnet_test", title="D-Net (test)", description="", kind="rigid", weights=None,
-                               implementation="deepreglib.methods.dnet:DNetMethod", supports_refine=False)
+                               implementation="deepreglib.methods.dnet.method:DNetMethod", supports_refine=False)
     monkeypatch.setitem(registry.METHODS, "dnet_test", info)
     size = 16
     net_grid = dnet_grid(centre, size, fixed_grid.extent_mm.max() / size)
@@ -356,7 +357,7 @@ def test_a_repeated_training_volume_gets_a_new_pose_at_every_step():
     one pose per image), and must still be a pure function of (seed, step) for resuming."""
     vol = _compact_volume()
     batch = {"fixed": vol, "moving": vol}
-    from deepreglib.methods.training_draws import batch_generator
+    from deepreglib.train.draws import batch_generator
 
     def pose(step):
         ex = rigid_training_pair(vol, batch_generator(batch, 0, step), augment=False)
@@ -370,19 +371,20 @@ def test_a_repeated_training_volume_gets_a_new_pose_at_every_step():
 
 def test_canonical_pose_training_never_mirrors_the_scans():
     from deepreglib.cli import build_parser
-    from deepreglib.train import make_batch
+    from deepreglib.methods.registry import training_recipes
+    from deepreglib.train.loop import make_batch
     vol = torch.zeros(1, 1, 12, 12, 12)
     vol[:, :, 2:5, 3:9, 1:4] = 1.0  # asymmetric along every axis
     def batches(pose):
         args = build_parser().parse_args(["train", "dnet", "--out", "unused", "--shape", "12", "12", "12",
                                           "--real-fraction", "1", "--dnet-fixed-pose", pose])
-        return [make_batch(s, args, [vol])["fixed"] for s in range(12)]
+        return [make_batch(s, args, [vol], training_recipes()["dnet"])["fixed"] for s in range(12)]
     assert all(torch.equal(b, vol) for b in batches("canonical"))
     assert not all(torch.equal(b, vol) for b in batches("random"))
 
 
 def test_anatomy_variation_is_off_by_default_and_keeps_the_scan_recognisable():
-    from deepreglib.methods.dnet_training import vary_anatomy
+    from deepreglib.methods.dnet.training import vary_anatomy
     vol = _compact_volume()
     assert torch.equal(vary_anatomy(vol, torch.Generator().manual_seed(0), 0.0), vol)
     varied = vary_anatomy(vol, torch.Generator().manual_seed(0), 2.0)
@@ -431,14 +433,16 @@ def test_the_cube_faces_the_training_orientation_whatever_the_files_voxel_order(
         (np.asarray(cube.shape) - 1) / 2.0), cube.shape[0], cube.spacing[0]))
     assert float((mirrored - seen[0]).abs().max()) > 0.3
     with pytest.raises(ValueError, match="grid_direction"):
-        from deepreglib.methods.dnet import cube_direction
+        from deepreglib.methods.dnet.method import cube_direction
         cube_direction({"grid_direction": [1, 0, 0, 0, 2, 0, 0, 0, 1]})
 
 
 def test_dnet_training_records_the_orientation_of_its_real_scans(tmp_path, capsys):
     import SimpleITK as sitk
-    from deepreglib.errors import BadInputError
-    from deepreglib.train import RECIPES, scan_direction
+    from deepreglib.core.errors import BadInputError
+    from deepreglib.methods.registry import training_recipes
+    from deepreglib.train.loop import scan_direction
+    RECIPES = training_recipes()
     folder = tmp_path / "scans"
     folder.mkdir()
     for i in range(2):
@@ -466,7 +470,7 @@ def test_dnet_plus_rigid_polishes_a_coarse_pose_that_rigid_alone_cannot_reach(tm
     """A D-Net pinned 20 deg off the truth (a coarse learned pose), refined by the iterative
     rigid registration started from it, recovers a 150 deg rotation within 2 deg; the iterative
     registration alone, from the centre of mass, does not."""
-    from deepreglib.methods.dnet import cube_direction, grid_centre, longest_side_mm
+    from deepreglib.methods.dnet.method import cube_direction, grid_centre, longest_side_mm
     grid = Grid((28, 28, 28), (2.0, 2.0, 2.0), (-27.0, -27.0, -27.0), tuple(np.eye(3).ravel()))
     centre = grid_centre(grid)
     m_true = np.eye(4)

@@ -1,12 +1,12 @@
-"""deepreglib.geometry against SimpleITK's own index <-> physical maps."""
+"""deepreglib.core.geometry against SimpleITK's own index <-> physical maps."""
 import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
 
-from deepreglib import geometry
-from deepreglib.errors import BadInputError
-from deepreglib.geometry import Grid
+from deepreglib.core import geometry
+from deepreglib.core.errors import BadInputError
+from deepreglib.core.geometry import Grid
 
 SPACING = (0.7, 1.3, 2.9)
 ORIGIN = (-12.5, 40.0, 7.25)

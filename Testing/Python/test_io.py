@@ -1,4 +1,4 @@
-"""deepreglib.io: image/label/field/transform/landmark files, checked against SimpleITK itself."""
+"""deepreglib.io.images: image/label/field/transform/landmark files, checked against SimpleITK itself."""
 import json
 import logging
 import os
@@ -10,11 +10,11 @@ import SimpleITK as sitk
 import torch
 import torch.nn.functional as F
 
-from deepreglib import fields, geometry
-from deepreglib import io as dio
-from deepreglib.errors import BadInputError
-from deepreglib.geometry import Grid
-from deepreglib.warp import warp
+from deepreglib.core import fields, geometry
+from deepreglib.io import images as dio
+from deepreglib.core.errors import BadInputError
+from deepreglib.core.geometry import Grid
+from deepreglib.core.warp import warp
 
 SPACING = (0.9, 1.3, 2.1)
 ORIGIN = (-30.0, 12.5, 4.0)
@@ -137,7 +137,7 @@ def test_dicom_series_folder(tmp_path, caplog):
     # a second, smaller series in the same folder must be ignored, with a warning
     small = image_on(oblique_grid((3, 7, 8)), arr[:3].copy())
     write_dicom_series(small, folder, "1.2.826.0.1.3680043.8.498.3", prefix="other")
-    with caplog.at_level(logging.WARNING, logger="deepreglib.io"):
+    with caplog.at_level(logging.WARNING, logger="deepreglib.io.images"):
         img = dio.read_image(folder)
     assert "2 DICOM series" in caplog.text
     assert_same_geometry(img, vol, atol=1e-4)

@@ -1,12 +1,12 @@
-"""Known-answer tests for deepreglib.losses (small volumes, CPU)."""
+"""Known-answer tests for deepreglib.core.losses (small volumes, CPU)."""
 import itertools
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from deepreglib import losses as L
-from deepreglib.warp import identity_grid
+from deepreglib.core import losses as L
+from deepreglib.core.warp import identity_grid
 
 
 def smooth_image(shape=(1, 1, 16, 16, 16), seed=0):

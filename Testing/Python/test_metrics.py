@@ -1,4 +1,4 @@
-"""Known-answer tests for deepreglib.metrics."""
+"""Known-answer tests for deepreglib.core.metrics."""
 import math
 
 import numpy as np
@@ -6,8 +6,8 @@ import pytest
 import torch
 from scipy.spatial.distance import cdist
 
-from deepreglib import metrics as M
-from deepreglib.jacobian import jacobian_determinant
+from deepreglib.core import metrics as M
+from deepreglib.core.jacobian import jacobian_determinant
 
 
 # -- Dice ----------------------------------------------------------------------------------------

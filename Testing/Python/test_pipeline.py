@@ -9,12 +9,13 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from deepreglib.errors import BadInputError
-from deepreglib.geometry import Grid
-from deepreglib.modelio import save_model
-from deepreglib.networks.voxelmorph import VoxelMorph
-from deepreglib.pipeline import RegisterOptions, register, resolve_device
-from deepreglib.preprocess import field_to_fixed_grid, field_to_network_grid, network_grid
+from deepreglib.core.errors import BadInputError
+from deepreglib.core.geometry import Grid
+from deepreglib.methods.weights import save_model
+from deepreglib.methods.voxelmorph.network import VoxelMorph
+from deepreglib.run.pipeline import RegisterOptions, register, resolve_device
+from deepreglib.core.preprocess import network_grid
+from deepreglib.core.resample import field_to_fixed_grid, field_to_network_grid
 
 ROT = sitk.VersorTransform((0.2, -0.1, 0.3), 0.4).GetMatrix()  # an oblique direction
 

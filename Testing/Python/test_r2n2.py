@@ -10,20 +10,20 @@ import SimpleITK as sitk
 import torch
 
 from deepreglib.cli import main as cli_main
-from deepreglib.geometry import Grid
-from deepreglib.io import read_landmarks
-from deepreglib.methods.r2n2 import R2N2Method, R2N2Result
-from deepreglib.methods.r2n2_outputs import (describe_deformations, write_deformations_markups,
+from deepreglib.core.geometry import Grid
+from deepreglib.io.images import read_landmarks
+from deepreglib.methods.r2n2.method import R2N2Method, R2N2Result
+from deepreglib.methods.r2n2.outputs import (describe_deformations, write_deformations_markups,
                                              write_volume_sequence)
-from deepreglib.methods.r2n2_training import r2n2_loss
+from deepreglib.methods.r2n2.training import r2n2_loss
 from deepreglib.methods.base import RunContext
-from deepreglib.modelio import load_model, save_model
-from deepreglib.networks.r2n2 import R2N2, AdaptiveStop
-from deepreglib.networks.r2n2_transform import (GaussianParameters, bspline_parameter_count, covariance,
+from deepreglib.methods.weights import load_model, save_model
+from deepreglib.methods.r2n2.network import R2N2, AdaptiveStop
+from deepreglib.methods.r2n2.gaussians import (GaussianParameters, bspline_parameter_count, covariance,
                                                 local_deformation, rotation_from_6d,
                                                 transformation_parameter_count)
-from deepreglib.train import RECIPES
-from deepreglib.warp import warp
+from deepreglib.methods.registry import training_recipes
+from deepreglib.core.warp import warp
 from helpers import rotation
 
 #: float32 evaluation of exp(-q/2) against a float64 closed form, in voxels
@@ -192,7 +192,7 @@ def test_a_short_training_run_lowers_the_loss():
     noise-free loss after training is lower than before."""
     torch.manual_seed(0)
     net = tiny_model(steps=3, weight_noise=0.1)
-    opt = torch.optim.Adam(net.parameters(), lr=1e-2, **RECIPES["r2n2"].optimizer_options)
+    opt = torch.optim.Adam(net.parameters(), lr=1e-2, **training_recipes()["r2n2"].optimizer_options)
     shape = (16, 16, 16)
     batch = {"fixed": blob(shape, (7.5, 7.5, 7.5)), "moving": blob(shape, (7.5, 7.5, 10.5))}
     args = argparse.Namespace(r2n2_tv_weight=0.1)
@@ -232,7 +232,7 @@ def test_train_command_uses_amsgrad_and_the_recipe_options(tmp_path):
 
 
 def test_a_width_floor_keeps_every_gaussian_from_vanishing():
-    from deepreglib.networks.r2n2_transform import widths_from_logits
+    from deepreglib.methods.r2n2.gaussians import widths_from_logits
     logits = torch.tensor([[-1e4, 0.0, 1e4]])
     paper = widths_from_logits(logits, 0.3)
     assert float(paper[0, 0]) < 1e-5 and float(paper[0, 2]) == pytest.approx(0.3, abs=1e-5)
@@ -252,7 +252,7 @@ def test_a_width_floor_keeps_every_gaussian_from_vanishing():
 
 
 def test_a_local_readout_reads_the_features_at_the_centre(tmp_path):
-    from deepreglib.networks.r2n2 import ParameterNetwork, level_coordinates
+    from deepreglib.methods.r2n2.network import ParameterNetwork, level_coordinates
     full, strides = (16, 16, 16), [2, 4, 8]
     net = ParameterNetwork([2, 2, 2], pooled=1, readout_radius=1e-3)
     with torch.no_grad():
@@ -290,8 +290,8 @@ def test_a_local_readout_reads_the_features_at_the_centre(tmp_path):
 def test_bump_pair_curriculum_draws_pairs_from_the_methods_own_class(tmp_path):
     """--r2n2-bump-pairs K: the fixed labels are the moving labels pulled through a sum of K local
     Gaussian deformations (recomputed here from the same draws), and the card records K."""
-    from deepreglib.methods.r2n2_training import bump_batch
-    from deepreglib.networks.r2n2_transform import random_local_deformations
+    from deepreglib.methods.r2n2.training import bump_batch
+    from deepreglib.methods.r2n2.gaussians import random_local_deformations
     shape = (16, 18, 20)
     args = argparse.Namespace(r2n2_bump_pairs=3, r2n2_bump_voxels=3.0)
     batch = bump_batch(shape, 11, args)

@@ -10,13 +10,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from deepreglib.errors import BadInputError, CancelledError
-from deepreglib.fields import integrate_velocity
-from deepreglib.jacobian import jacobian_determinant
-from deepreglib.losses import LocalNCC
-from deepreglib.refine import iterative_register, refine_velocity
-from deepreglib.resample import gaussian_blur
-from deepreglib.warp import sample_at, warp
+from deepreglib.core.errors import BadInputError, CancelledError
+from deepreglib.core.fields import integrate_velocity
+from deepreglib.core.jacobian import jacobian_determinant
+from deepreglib.core.losses import LocalNCC
+from deepreglib.classic.optimise import iterative_register, refine_velocity
+from deepreglib.core.resample import gaussian_blur
+from deepreglib.core.warp import sample_at, warp
 
 SIZE = 32
 

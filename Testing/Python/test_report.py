@@ -11,9 +11,9 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from deepreglib import report
-from deepreglib.errors import BadInputError
-from deepreglib.geometry import Grid, displacement_voxel_to_mm
+from deepreglib.report import qa as report
+from deepreglib.core.errors import BadInputError
+from deepreglib.core.geometry import Grid, displacement_voxel_to_mm
 
 SHAPE = (24, 28, 20)  # (D, H, W)
 

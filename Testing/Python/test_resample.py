@@ -4,8 +4,8 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from deepreglib.geometry import Grid, voxel_grid_points
-from deepreglib.resample import (downsample, downsampled_shape, gaussian_blur, physical_field,
+from deepreglib.core.geometry import Grid, voxel_grid_points
+from deepreglib.core.resample import (downsample, downsampled_shape, gaussian_blur, physical_field,
                                  resample_to_grid)
 
 

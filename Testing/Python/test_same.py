@@ -9,19 +9,19 @@ import numpy as np
 import pytest
 import torch
 
-from deepreglib import io
-from deepreglib.errors import BadInputError
-from deepreglib.geometry import Grid, voxel_grid_points
+from deepreglib.io import images as io
+from deepreglib.core.errors import BadInputError
+from deepreglib.core.geometry import Grid, voxel_grid_points
 from deepreglib.methods.base import RunContext
-from deepreglib.methods.learned_init import register_learned_initializers
-from deepreglib.methods.same import SAMEMethod, parse_steps, write_same_outputs
-from deepreglib.methods.sam_training import _sam_loss, same_vxm_loss
-from deepreglib.modelio import save_model
-from deepreglib.networks.sam import PixelInfoNCE, SAMNet, correlation_features
-from deepreglib.networks.sam_voxelmorph import SAMSimilarityLoss, SAMVoxelMorph
-from deepreglib.same import (body_mask, fit_affine, lattice_points, match_points, sam_affine, sam_coarse,
+from deepreglib.run.initializers import register_learned_initializers
+from deepreglib.methods.same.method import SAMEMethod, parse_steps, write_same_outputs
+from deepreglib.methods.same.training import _sam_loss, same_vxm_loss
+from deepreglib.methods.weights import save_model
+from deepreglib.methods.same.network import PixelInfoNCE, SAMNet, correlation_features
+from deepreglib.methods.same.network_voxelmorph import SAMSimilarityLoss, SAMVoxelMorph
+from deepreglib.methods.same.matching import (body_mask, fit_affine, lattice_points, match_points, sam_affine, sam_coarse,
                              sparse_to_dense)
-from deepreglib.synth import rotation_matrix, synth_pair
+from deepreglib.train.synth import rotation_matrix, synth_pair
 
 TINY_SAM = dict(encoder=(4, 8, 8, 8, 8), global_channels=8, local_channels=8)
 
@@ -306,7 +306,7 @@ def test_steps_option_and_sam_only_weights(tmp_path):
 
 
 def test_same_affine_initializer_is_registered_only_with_weights(tmp_path, monkeypatch):
-    from deepreglib import align
+    from deepreglib.classic import align
     monkeypatch.setattr(align, "INITIALIZERS", dict(align.INITIALIZERS))
     assert register_learned_initializers(tmp_path) == []
     _same_file(tmp_path, sam_only=True)
@@ -357,8 +357,8 @@ def test_same_affine_sees_a_moving_file_in_another_voxel_order_unmirrored(tmp_pa
     """The same moving scene stored with the identity direction and with a reflected one (axes
     +x, -z, -y, as the OASIS files) reaches SAM as the same tensor, so SAM-affine returns the
     same matrix; each view faces the fixed image's direction."""
-    from deepreglib.geometry import voxel_grid_points
-    from deepreglib.methods.same import _embed_on_own_grids, _sam_of, load_same_model, same_affine_initializer
+    from deepreglib.core.geometry import voxel_grid_points
+    from deepreglib.methods.same.method import _embed_on_own_grids, _sam_of, load_same_model, same_affine_initializer
     path = _same_file(tmp_path, sam_only=True)
     sam = _sam_of(load_same_model(path, "cpu")[0])
 
@@ -385,7 +385,7 @@ def test_same_affine_sees_a_moving_file_in_another_voxel_order_unmirrored(tmp_pa
     assert np.allclose(mats[0][:3, :3], mats[1][:3, :3], atol=5e-3)
     assert np.allclose(mats[0][:3, 3], mats[1][:3, 3], atol=0.1)
     own = b.centered_like(views[1][3].shape, views[1][3].spacing)  # b's own direction: mirrored
-    from deepreglib.resample import resample_to_grid
+    from deepreglib.core.resample import resample_to_grid
     seen_own = resample_to_grid(scene(b), b, own)
     seen_facing = resample_to_grid(scene(b), b, views[1][3])
     assert float((seen_own - seen_facing).abs().max()) > 0.2

@@ -24,13 +24,13 @@ vtk = pytest.importorskip("vtk")
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "DeepRegExtension"))
 
 from DeepRegistrationLib import scene as dscene  # noqa: E402
-from deepreglib import geometry  # noqa: E402
-from deepreglib import io as dio  # noqa: E402
-from deepreglib import registry  # noqa: E402
-from deepreglib.geometry import Grid  # noqa: E402
-from deepreglib.modelio import save_model  # noqa: E402
-from deepreglib.pipeline import RegisterOptions, register  # noqa: E402
-from deepreglib.warp import sample_at  # noqa: E402
+from deepreglib.core import geometry  # noqa: E402
+from deepreglib.io import images as dio  # noqa: E402
+from deepreglib.methods import registry  # noqa: E402
+from deepreglib.core.geometry import Grid  # noqa: E402
+from deepreglib.methods.weights import save_model  # noqa: E402
+from deepreglib.run.pipeline import RegisterOptions, register  # noqa: E402
+from deepreglib.core.warp import sample_at  # noqa: E402
 from helpers import rotation  # noqa: E402
 
 SHAPE = (14, 16, 18)  # (k, j, i)
@@ -40,11 +40,11 @@ DNET_ANGLE = 0.3  # radians about the network's first axis: a pose that is clear
 
 def _tiny_models():
     """name -> (kind, implementation, model factory, method options)."""
-    from deepreglib.networks.amdf import AMDF
-    from deepreglib.networks.carnet import CarNet
-    from deepreglib.networks.dnet import DNet, rotation_to_sixd
-    from deepreglib.networks.r2n2 import R2N2
-    from deepreglib.networks.sam_voxelmorph import SAMVoxelMorph
+    from deepreglib.methods.amdf.network import AMDF
+    from deepreglib.methods.carnet.network import CarNet
+    from deepreglib.methods.dnet.network import DNet, rotation_to_sixd
+    from deepreglib.methods.r2n2.network import R2N2
+    from deepreglib.methods.same.network_voxelmorph import SAMVoxelMorph
 
     def dnet():
         net = DNet(input_size=16, channels=(1, 4, 8, 8, 8, 8, 8), decoder=(8, 8, 8, 8), hidden=16, pool=2)
@@ -70,12 +70,12 @@ def _tiny_models():
         return net
 
     return {
-        "carnet": ("deformable", "deepreglib.methods.carnet:CarNetMethod", carnet, {"uncertainty_samples": 2}),
-        "amdf": ("deformable", "deepreglib.methods.amdf:AmdfMethod",
+        "carnet": ("deformable", "deepreglib.methods.carnet.method:CarNetMethod", carnet, {"uncertainty_samples": 2}),
+        "amdf": ("deformable", "deepreglib.methods.amdf.method:AmdfMethod",
                  lambda: AMDF(encoder=(4, 8, 8, 8), decoder=(8, 8, 8, 4), seg_channels=(4, 8), dfsa_hidden=4), {}),
-        "r2n2": ("deformable", "deepreglib.methods.r2n2:R2N2Method", r2n2, {"stop_threshold": 0}),
-        "dnet": ("rigid", "deepreglib.methods.dnet:DNetMethod", dnet, {}),
-        "same": ("deformable", "deepreglib.methods.same:SAMEMethod",
+        "r2n2": ("deformable", "deepreglib.methods.r2n2.method:R2N2Method", r2n2, {"stop_threshold": 0}),
+        "dnet": ("rigid", "deepreglib.methods.dnet.method:DNetMethod", dnet, {}),
+        "same": ("deformable", "deepreglib.methods.same.method:SAMEMethod",
                  lambda: SAMVoxelMorph(sam=dict(encoder=(4, 8, 8, 8, 8), global_channels=8, local_channels=8),
                                        encoder=(8, 8, 8, 8), decoder=(8, 8, 8, 8, 8, 8)), {"threshold": -1.0}),
     }

@@ -15,10 +15,10 @@ import torch.nn.functional as F
 slicer = pytest.importorskip("slicer")
 vtk = pytest.importorskip("vtk")
 
-from deepreglib import geometry  # noqa: E402
-from deepreglib import io as dio  # noqa: E402
-from deepreglib.geometry import Grid  # noqa: E402
-from deepreglib.warp import sample_at  # noqa: E402
+from deepreglib.core import geometry  # noqa: E402
+from deepreglib.io import images as dio  # noqa: E402
+from deepreglib.core.geometry import Grid  # noqa: E402
+from deepreglib.core.warp import sample_at  # noqa: E402
 
 #: Tolerance for points mapped through a Slicer transform (mm). Slicer stores the field in
 #: double precision and interpolates it trilinearly, as the engine does.

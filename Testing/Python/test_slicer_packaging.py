@@ -128,7 +128,7 @@ def test_engine_finds_the_weights_in_the_slicer_install_layout(tmp_path):
     (install / "Resources" / "Models").mkdir(parents=True)
     env = {k: v for k, v in os.environ.items() if k != "DEEPREG_MODELS"}
     env["PYTHONPATH"] = str(install)
-    done = subprocess.run([sys.executable, "-c", "import deepreglib.modelio as m; print(m.__file__); print(m.models_dir())"],
+    done = subprocess.run([sys.executable, "-c", "import deepreglib.io.models as m; print(m.__file__); print(m.models_dir())"],
                           capture_output=True, text=True, env=env, cwd=str(tmp_path), timeout=120)
     assert done.returncode == 0, done.stderr
     module_file, found = done.stdout.strip().splitlines()

@@ -21,10 +21,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "DeepRegExtension")
 
 from DeepRegistrationLib import scene as dscene  # noqa: E402
 from DeepRegistrationLib.process import WorkerProcess, register_command  # noqa: E402
-from deepreglib import geometry  # noqa: E402
-from deepreglib import io as dio  # noqa: E402
-from deepreglib.geometry import Grid  # noqa: E402
-from deepreglib.warp import sample_at  # noqa: E402
+from deepreglib.core import geometry  # noqa: E402
+from deepreglib.io import images as dio  # noqa: E402
+from deepreglib.core.geometry import Grid  # noqa: E402
+from deepreglib.core.warp import sample_at  # noqa: E402
 
 SHAPE = (12, 14, 16)  # (k, j, i); with the spacing, the iterative method works on 16^3
 LAST_IJK = [SHAPE[2] - 1, SHAPE[1] - 1, SHAPE[0] - 1]

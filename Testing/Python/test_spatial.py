@@ -1,14 +1,14 @@
-"""Spatial core: warp, fields, Jacobian (conventions in deepreglib.conventions)."""
+"""Spatial core: warp, fields, Jacobian (conventions in deepreglib.core.conventions)."""
 import math
 
 import numpy as np
 import pytest
 import torch
 
-from deepreglib.fields import (affine_to_field, compose, integrate_velocity, invert_displacement,
+from deepreglib.core.fields import (affine_to_field, compose, integrate_velocity, invert_displacement,
                                invert_velocity, resize_field)
-from deepreglib.jacobian import folding_fraction, jacobian_determinant, std_log_jacobian
-from deepreglib.warp import SpatialTransformer, identity_grid, sample_at, warp
+from deepreglib.core.jacobian import folding_fraction, jacobian_determinant, std_log_jacobian
+from deepreglib.core.warp import SpatialTransformer, identity_grid, sample_at, warp
 
 
 def smooth_field(shape, amplitude, seed=0, coarse=4):

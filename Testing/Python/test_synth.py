@@ -6,10 +6,10 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from deepreglib import synth
-from deepreglib.fields import affine_to_field, compose, integrate_velocity
-from deepreglib.jacobian import jacobian_determinant
-from deepreglib.warp import identity_grid, warp
+from deepreglib.train import synth
+from deepreglib.core.fields import affine_to_field, compose, integrate_velocity
+from deepreglib.core.jacobian import jacobian_determinant
+from deepreglib.core.warp import identity_grid, warp
 
 SHAPE = (24, 28, 24)
 CLEAN = dict(texture_std=0.0, bias_std=0.0, blur_max=0.0, noise_std=0.0, gamma_std=0.0)

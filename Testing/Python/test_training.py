@@ -8,11 +8,11 @@ import pytest
 import torch
 
 from deepreglib.cli import main as cli_main
-from deepreglib.errors import BadInputError
-from deepreglib.modelio import load_model, models_dir, save_model, sha256_file
-from deepreglib.networks.voxelmorph import VoxelMorph
-from deepreglib.registry import METHODS
-from deepreglib.synth import synth_pair
+from deepreglib.core.errors import BadInputError
+from deepreglib.methods.weights import load_model, models_dir, save_model, sha256_file
+from deepreglib.methods.voxelmorph.network import VoxelMorph
+from deepreglib.methods.registry import METHODS
+from deepreglib.train.synth import synth_pair
 
 
 def test_untrained_voxelmorph_is_the_identity():
@@ -84,7 +84,8 @@ def test_training_resumes_exactly_and_exports_a_model_card(tmp_path):
 
 def test_a_short_training_run_lowers_the_loss_on_a_fixed_pair():
     """Overfit one synthetic pair for a few Adam steps: the registration loss must fall."""
-    from deepreglib.train import RECIPES
+    from deepreglib.methods.registry import training_recipes
+    RECIPES = training_recipes()
     import argparse
     torch.manual_seed(0)
     net = VoxelMorph()
@@ -155,7 +156,7 @@ def test_a_run_can_start_from_trained_weights_and_keeps_their_history(tmp_path, 
 
 
 def test_starting_from_weights_of_another_network_is_refused(tmp_path, capsys):
-    from deepreglib.networks.amdf import LabelAutoEncoder
+    from deepreglib.methods.amdf.network import LabelAutoEncoder
     save_model(LabelAutoEncoder(num_classes=3, channels=(4,), latent_channels=2), tmp_path / "ae")
     args = ["train", "voxelmorph", "--out", str(tmp_path / "run"), "--steps", "2", "--shape", "32", "32", "32",
             "--threads", "1", "--synth-bank", "2", "--init-from", str(tmp_path / "ae.pt")]

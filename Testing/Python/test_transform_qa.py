@@ -1,4 +1,4 @@
-"""``deepreg qa`` (deepreglib.transform_qa): DeformationQA's numbers on transforms with known
+"""``deepreg qa`` (deepreglib.report.transform_qa): DeformationQA's numbers on transforms with known
 answers, in the engine (fast, in-process) and once through the worker command."""
 import json
 import subprocess
@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from deepreglib import io as dio
-from deepreglib import transform_qa as tqa
-from deepreglib.errors import BadInputError
+from deepreglib.core.errors import BadInputError
+from deepreglib.io import images as dio
+from deepreglib.report import transform_qa as tqa
 
 SHAPE_XYZ = (10, 9, 8)
 SPACING = (1.5, 1.0, 2.0)

@@ -77,7 +77,7 @@ def test_method_selector_text_comes_from_the_registry():
     expected time per device, for every method the registry has."""
     sys.path.insert(0, str(ROOT / "DeepRegExtension"))
     logic_cls = importlib.import_module("DeepRegistration").DeepRegistrationLogic
-    from deepreglib.registry import METHODS
+    from deepreglib.methods.registry import METHODS
     assert [m.name for m in logic_cls.methods()] == list(METHODS)
     for info in logic_cls.methods():
         text = logic_cls.methodSummary(info)

@@ -12,9 +12,9 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from deepreglib.modelio import save_model
-from deepreglib.networks.voxelmorph import VoxelMorph
-from deepreglib.registry import METHODS
+from deepreglib.methods.weights import save_model
+from deepreglib.methods.voxelmorph.network import VoxelMorph
+from deepreglib.methods.registry import METHODS
 
 ENV = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
 

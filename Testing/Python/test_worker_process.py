@@ -238,8 +238,8 @@ def test_real_worker_reports_an_option_the_method_does_not_have(tmp_path):
 
 def test_initial_alignment_list_offers_the_learned_initializers_the_worker_has(tmp_path):
     from DeepRegistrationLib.process import CLASSIC_INITIALIZATIONS, initialization_choices
-    from deepreglib.modelio import models_dir
-    from deepreglib.pipeline import init_choices
+    from deepreglib.methods.weights import models_dir
+    from deepreglib.run.initializers import init_choices
     assert initialization_choices(str(tmp_path)) == list(CLASSIC_INITIALIZATIONS)
     assert initialization_choices(None) == list(CLASSIC_INITIALIZATIONS)
     (tmp_path / "dnet.pt").write_bytes(b"")

@@ -1,15 +1,17 @@
-"""What every registration method implements. Conventions: :mod:`deepreglib.conventions`."""
+"""What every registration method implements. Conventions: :mod:`deepreglib.core.conventions`."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Dict, Optional
+from pathlib import Path
+from typing import Callable, Dict, Optional, Sequence
 
 import numpy as np
 import torch
 
-from ..errors import BadInputError, CancelledError
-from ..geometry import Grid
-from ..preprocess import network_grid
+from ..core.errors import BadInputError, CancelledError
+from ..core.geometry import Grid
+from ..core.preprocess import network_grid
+from .weights import load_network, shipped_weights
 
 
 @dataclass
@@ -80,6 +82,18 @@ class Method:
         self.options = options
         self.weights_path = None
         self.weights_sha256 = None
+
+    def load_weights(self, weights=None, networks: Sequence[str] = (), what: str = "",
+                     default_stem: str = "", cached: bool = False):
+        """Load the method's network: ``weights`` (a ``.pt`` path) or the shipped
+        ``info.weights`` (``default_stem`` when the method runs without registry info); check it
+        is one of ``networks``; record path and checksum for the manifest. Returns ``(model, card)``."""
+        stem = getattr(self.info, "weights", None) or default_stem
+        path = Path(weights) if weights else shipped_weights(stem)
+        model, card = load_network(path, self.device, networks, what, cached)
+        self.weights_path = str(path)
+        self.weights_sha256 = card["sha256"]
+        return model, card
 
     def grid_for(self, fixed: Grid) -> Grid:
         return network_grid(fixed, self.max_size, self.divisor)

@@ -1,0 +1,108 @@
+"""Warping images by dense displacements. Conventions: :mod:`deepreglib.core.conventions`.
+
+``warped(x) = image(x + u(x))`` with ``u`` in voxels of the image's grid, components ``(k, j, i)``.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .conventions import ALIGN_CORNERS
+
+#: Interpolation names accepted by :func:`warp` (``"nearest"`` for label maps).
+INTERPOLATIONS = ("linear", "nearest")
+#: Padding names accepted by :func:`warp`: ``"zeros"`` is 0 outside the image's box, which (as in
+#: ITK's resampling) reaches half a voxel beyond the first and last voxel centres, the edge value
+#: being repeated in that rim; ``"border"`` repeats the edge voxel everywhere (right for
+#: displacement fields, which should not fall to zero outside).
+PADDINGS = ("zeros", "border", "reflection")
+
+
+def identity_grid(shape, dtype=torch.float32, device="cpu") -> torch.Tensor:
+    """Voxel coordinates of every voxel, ``(1, 3, D, H, W)``, components ``(k, j, i)``."""
+    axes = [torch.arange(s, dtype=dtype, device=device) for s in shape]
+    return torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=0).unsqueeze(0)
+
+
+def voxel_to_normalized(points: torch.Tensor, shape) -> torch.Tensor:
+    """``(N, 3, D, H, W)`` voxel coordinates ``(k, j, i)`` -> ``grid_sample`` grid ``(N, D, H, W, 3)``.
+
+    grid_sample wants the last axis as ``(x, y, z)`` = ``(i, j, k)``, so the components are
+    reversed here, and scaled so index 0 -> -1 and index n-1 -> +1 (``ALIGN_CORNERS = True``).
+    """
+    sizes = torch.as_tensor([max(s - 1, 1) for s in shape], dtype=points.dtype, device=points.device)
+    norm = 2.0 * points / sizes.view(1, 3, 1, 1, 1) - 1.0
+    return norm.permute(0, 2, 3, 4, 1).flip(-1)
+
+
+def sample_at(image: torch.Tensor, points: torch.Tensor, interpolation: str = "linear",
+              padding: str = "zeros") -> torch.Tensor:
+    """Sample ``image`` ``(N, C, D, H, W)`` at voxel coordinates ``points`` ``(N, 3, d, h, w)``
+    (components ``(k, j, i)`` of ``image``'s grid). Returns ``(N, C, d, h, w)``."""
+    if interpolation not in INTERPOLATIONS:
+        raise ValueError(f"interpolation must be one of {INTERPOLATIONS}, got {interpolation!r}")
+    if padding not in PADDINGS:
+        raise ValueError(f"padding must be one of {PADDINGS}, got {padding!r}")
+    if image.ndim != 5 or points.ndim != 5 or points.shape[1] != 3:
+        raise ValueError(f"expected image (N, C, D, H, W) and points (N, 3, d, h, w), got "
+                         f"{tuple(image.shape)} and {tuple(points.shape)}")
+    grid = voxel_to_normalized(points, image.shape[2:])
+    if grid.shape[0] != image.shape[0]:
+        grid = grid.expand(image.shape[0], *grid.shape[1:])
+    return grid_sample(image, grid.to(image.dtype), interpolation, padding)
+
+
+def grid_sample(image: torch.Tensor, grid: torch.Tensor, interpolation: str = "linear",
+                padding: str = "zeros") -> torch.Tensor:
+    """``F.grid_sample`` with the engine's ``ALIGN_CORNERS`` and padding names (:data:`PADDINGS`).
+
+    ``grid`` is ``(N, d, h, w, 3)`` in normalised ``(x, y, z)`` order. For ``"zeros"`` the image
+    is sampled with border padding and then zeroed outside ``[-0.5, n - 0.5]`` voxels per axis,
+    so an image resampled onto its own grid keeps its edge voxels intact (torch's own zero
+    padding would blend them with 0 over the outer half voxel, unlike ITK).
+    """
+    mode = "bilinear" if interpolation == "linear" else "nearest"
+    if padding != "zeros":
+        return F.grid_sample(image, grid, mode=mode, padding_mode=padding, align_corners=ALIGN_CORNERS)
+    out = F.grid_sample(image, grid, mode=mode, padding_mode="border", align_corners=ALIGN_CORNERS)
+    # half a voxel in normalised units is 1 / (n - 1); grid's last axis is (x, y, z) = (W, H, D)
+    sizes = image.shape[2:][::-1]
+    limit = torch.as_tensor([1.0 + 1.0 / max(n - 1, 1) for n in sizes], dtype=grid.dtype, device=grid.device)
+    inside = (grid.abs() <= limit).all(dim=-1).unsqueeze(1)
+    return out * inside.to(out.dtype)
+
+
+def warp(image: torch.Tensor, displacement: torch.Tensor, interpolation: str = "linear",
+         padding: str = "zeros") -> torch.Tensor:
+    """Pull ``image`` through a displacement: ``warped(x) = image(x + u(x))``.
+
+    Args:
+        image: ``(N, C, D, H, W)``.
+        displacement: ``(N or 1, 3, D, H, W)`` in voxels of the same grid, components ``(k, j, i)``.
+        interpolation: ``"linear"`` (trilinear) or ``"nearest"`` (for label maps).
+        padding: value outside the image, see :data:`PADDINGS`.
+    Returns:
+        ``(N, C, D, H, W)``.
+    """
+    if displacement.ndim != 5 or displacement.shape[1] != 3:
+        raise ValueError(f"displacement must be (N, 3, D, H, W), got {tuple(displacement.shape)}")
+    if image.ndim != 5 or tuple(image.shape[2:]) != tuple(displacement.shape[2:]):
+        raise ValueError(f"image {tuple(image.shape)} and displacement {tuple(displacement.shape)} "
+                         "must be 5D with the same spatial shape")
+    points = identity_grid(displacement.shape[2:], displacement.dtype, displacement.device)
+    return sample_at(image, points + displacement, interpolation, padding)
+
+
+class SpatialTransformer(nn.Module):
+    """:func:`warp` as a module (no state: the reference grid is rebuilt per shape, not saved)."""
+
+    def __init__(self, interpolation: str = "linear", padding: str = "zeros"):
+        super().__init__()
+        if interpolation not in INTERPOLATIONS:
+            raise ValueError(f"interpolation must be one of {INTERPOLATIONS}")
+        self.interpolation = interpolation
+        self.padding = padding
+
+    def forward(self, image: torch.Tensor, displacement: torch.Tensor) -> torch.Tensor:
+        return warp(image, displacement, self.interpolation, self.padding)

@@ -1,0 +1,169 @@
+"""Training recipes ``amdf_seg``, ``amdf_ae`` and ``amdf`` (see :mod:`deepreglib.train.loop`), run in
+that order::
+
+    deepreg train amdf_seg --out runs/seg --export models/amdf_seg
+    deepreg train amdf_ae  --out runs/ae  --export models/amdf_ae
+    deepreg train amdf --out runs/amdf --seg-model models/amdf_seg.pt --ae-model models/amdf_ae.pt
+
+The first two need the synthetic pairs' label maps (no ``--real-dir``). The label maps are weak
+supervision at training time only; inference needs the images alone. The registration loss is
+``-(l_ncc NCC + l_ssim SSIM) + l_ce CE(warped moving labels, fixed labels)
++ l_ae ||enc(warped labels) - enc(fixed labels)||^2 + l_df TV(field)`` with the paper's weights
+(1, 1, 1, 0.1, 3.5); NCC and SSIM enter as ``1 - NCC`` and ``1 - SSIM`` (the same gradients,
+non-negative values), and the label terms are skipped on real (unlabelled) pairs.
+"""
+from __future__ import annotations
+
+from typing import Dict, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from ...core.errors import BadInputError
+from ...core.losses import LocalNCC, SSIMLoss, TotalVariation, one_hot
+from ..weights import load_model
+from ...core.segmentation_losses import LaplacianContourLoss, SoftCrossEntropy
+from ...train.recipe import TrainingRecipe
+from ...core.warp import warp
+
+#: weight of the contour loss beside cross-entropy: segmentation net, label auto-encoder
+SEG_CONTOUR_WEIGHT = 1.75
+AE_CONTOUR_WEIGHT = 2.0
+#: fraction of voxels whose label is replaced at random in the auto-encoder's input
+AE_NOISE = 0.1
+#: registration loss weights (the paper's)
+WEIGHTS = {"ncc": 1.0, "ssim": 1.0, "ce": 1.0, "ae": 0.1, "tv": 3.5}
+
+
+def _labels(batch, recipe: str) -> torch.Tensor:
+    """Fixed and moving label maps stacked along N, ``(2, 1, D, H, W)`` long."""
+    if "fixed_labels" not in batch:
+        raise BadInputError(f"{recipe} trains on the synthetic pairs' label maps; real scans have "
+                            "none: run it without --real-dir")
+    return torch.cat([batch["fixed_labels"], batch["moving_labels"]]).long()
+
+
+# -- segmentation network ------------------------------------------------------------------------
+def build_segmenter(args):
+    from .network import RoiSegmentationUNet
+    return RoiSegmentationUNet()
+
+
+def segmenter_loss(model, batch, args):
+    """Cross-entropy + 1.75 * contour loss of the ROI (label > 0: the synthetic head) of both images."""
+    roi = (_labels(batch, "amdf_seg") > 0).long()
+    logits = model(torch.cat([batch["fixed"], batch["moving"]]))
+    ce = F.cross_entropy(logits, roi[:, 0])
+    contour = LaplacianContourLoss()(torch.softmax(logits, 1), one_hot(roi, model.num_classes))
+    total = ce + SEG_CONTOUR_WEIGHT * contour
+    return total, {"ce": float(ce.detach()), "contour": float(contour.detach())}
+
+
+# -- label auto-encoder ----------------------------------------------------------------------------
+def build_autoencoder(args):
+    from .network import LabelAutoEncoder
+    return LabelAutoEncoder()
+
+
+def _check_label_range(labels: torch.Tensor, n: int) -> None:
+    if int(labels.max()) >= n:
+        raise BadInputError(f"label value {int(labels.max())} does not fit the auto-encoder's "
+                            f"{n} classes; train it with as many classes as the label maps have")
+
+
+def autoencoder_loss(model, batch, args):
+    """Denoising: labels with ``AE_NOISE`` of the voxels replaced at random -> clean labels;
+    cross-entropy + 2 * contour loss. (The noise uses torch's global random state.)"""
+    from .network import corrupt_labels
+    labels = _labels(batch, "amdf_ae")
+    n = model.num_classes
+    _check_label_range(labels, n)
+    noisy = corrupt_labels(labels, n, AE_NOISE)
+    logits = model(one_hot(noisy, n))
+    ce = F.cross_entropy(logits, labels[:, 0])
+    contour = LaplacianContourLoss()(torch.softmax(logits, 1), one_hot(labels, n))
+    total = ce + AE_CONTOUR_WEIGHT * contour
+    return total, {"ce": float(ce.detach()), "contour": float(contour.detach())}
+
+
+# -- registration ----------------------------------------------------------------------------------
+_FROZEN: Dict[Tuple[str, str], torch.nn.Module] = {}
+
+
+def frozen_autoencoder(path, device) -> torch.nn.Module:
+    """The trained :class:`LabelAutoEncoder` from ``path`` (checksum verified), in eval mode with
+    gradients off, loaded once per path and device."""
+    from .network import LabelAutoEncoder
+    if not path:
+        raise BadInputError("amdf needs --ae-model: the model file of a trained amdf_ae")
+    key = (str(path), str(device))
+    if key not in _FROZEN:
+        model, _ = load_model(path, device=device)
+        if not isinstance(model, LabelAutoEncoder):
+            raise BadInputError(f"--ae-model {path} holds a {type(model).__name__}, not a LabelAutoEncoder")
+        _FROZEN[key] = model.requires_grad_(False).eval()
+    return _FROZEN[key]
+
+
+def build_amdf(args):
+    """AMDF with the trained segmentation net from ``--seg-model`` (frozen, saved inside the
+    model), or, with ``--init-from`` a trained AMDF and no ``--seg-model``, the architecture of
+    that model (its weights, segmenter included, are loaded by the training loop);
+    ``--ae-model`` is checked here so a bad path fails before training starts."""
+    from .network import AMDF, RoiSegmentationUNet
+    seg_path = getattr(args, "seg_model", None)
+    init_from = getattr(args, "init_from", None)
+    if not seg_path and init_from:  # the trained AMDF carries its frozen segmenter
+        from ...io.models import read_model_card
+        frozen_autoencoder(getattr(args, "ae_model", None), "cpu")
+        return AMDF(**read_model_card(init_from)["config"])
+    if not seg_path:
+        raise BadInputError("amdf needs --seg-model: the model file of a trained amdf_seg "
+                            "(or --init-from a trained amdf, which carries its segmenter)")
+    seg, _ = load_model(seg_path)
+    if not isinstance(seg, RoiSegmentationUNet):
+        raise BadInputError(f"--seg-model {seg_path} holds a {type(seg).__name__}, not a RoiSegmentationUNet")
+    frozen_autoencoder(getattr(args, "ae_model", None), "cpu")
+    model = AMDF(seg_channels=seg.config["channels"], seg_classes=seg.config["num_classes"])
+    model.segmenter.load_state_dict(seg.state_dict())
+    return model
+
+
+def amdf_loss(model, batch, args):
+    """``(total, terms)``; ``args.reg_weight`` scales the TV weight (1: the paper's 3.5)."""
+    out = model(batch["moving"], batch["fixed"])
+    fixed = batch["fixed"] * out.mask_fixed
+    ncc = LocalNCC(9)(out.warped, fixed)
+    ssim = SSIMLoss()(out.warped, fixed)
+    tv = TotalVariation()(out.displacement)
+    total = (WEIGHTS["ncc"] * ncc + WEIGHTS["ssim"] * ssim
+             + WEIGHTS["tv"] * getattr(args, "reg_weight", 1.0) * tv)
+    terms = {"ncc_loss": float(ncc.detach()), "ssim_loss": float(ssim.detach()), "tv": float(tv.detach())}
+    if "fixed_labels" in batch:
+        ae = frozen_autoencoder(getattr(args, "ae_model", None), out.displacement.device)
+        n = ae.num_classes
+        _check_label_range(_labels(batch, "amdf"), n)
+        # border padding: a one-hot map pulled from outside the image stays a distribution
+        warped_labels = warp(one_hot(batch["moving_labels"].long(), n), out.displacement, padding="border")
+        fixed_labels = one_hot(batch["fixed_labels"].long(), n)
+        ce = SoftCrossEntropy()(warped_labels, fixed_labels)
+        code = ae.encode(warped_labels) - ae.encode(fixed_labels)
+        anat = (code * code).mean()
+        total = total + WEIGHTS["ce"] * ce + WEIGHTS["ae"] * anat
+        terms.update({"ce": float(ce.detach()), "ae": float(anat.detach())})
+    return total, terms
+
+
+AMDF_SEG = TrainingRecipe(
+    build=build_segmenter, loss=segmenter_loss, lr=1e-4, terms=("ce", "contour"),
+    description=f"AMDF ROI segmentation U-Net: cross-entropy + {SEG_CONTOUR_WEIGHT:g} * Laplacian "
+                "contour loss, ROI = label > 0 of synthetic label maps")
+AMDF_AE = TrainingRecipe(
+    build=build_autoencoder, loss=autoencoder_loss, lr=1e-4, terms=("ce", "contour"),
+    description=f"AMDF denoising label auto-encoder: cross-entropy + {AE_CONTOUR_WEIGHT:g} * Laplacian "
+                f"contour loss, {AE_NOISE:g} of input voxels relabelled at random")
+AMDF_RECIPE = TrainingRecipe(
+    build=build_amdf, loss=amdf_loss, lr=1e-4, terms=("ncc_loss", "ssim_loss", "tv", "ce", "ae"),
+    description="AMDF multi-scale registration: (1 - local NCC) + (1 - SSIM) + 3.5 * reg_weight * TV(field) "
+                "+ CE(warped labels, fixed labels) + 0.1 * ||enc(warped labels) - enc(fixed labels)||^2 "
+                "(label terms on synthetic pairs; needs --seg-model and --ae-model)")

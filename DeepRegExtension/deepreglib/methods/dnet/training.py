@@ -1,0 +1,209 @@
+"""Training recipe ``dnet``: supervised rigid poses of one volume (``deepreg train dnet``).
+
+Every training batch (:func:`deepreglib.train.loop.make_batch`, synthetic or real) supplies a volume
+``V`` (its ``fixed`` image). Two views of it make the pair, sampled straight from ``V`` (one
+interpolation each), in the network-normalised coordinates of :mod:`deepreglib.methods.dnet.method`:
+
+* ``fixed(x) = V(P x)`` with ``P`` a random rotation about the centre (any angle), so the
+  network does not learn one canonical pose;
+* ``moving(T x) = fixed(x)`` with the target ``T x = R x + t``: ``R`` a rotation by an angle
+  uniform in ``(-pi, pi)`` about an axis uniform on the sphere, ``t`` uniform per axis up to 1/4
+  of the extent; so ``moving(y) = V(P T^-1 y)``;
+* each image is multiplied by a factor uniform in ``[0.95, 1.05]`` and gets Gaussian noise
+  (std uniform in ``[0, 0.02]``).
+
+Loss (minimise, 0 at a perfect pose): ``0.5 |t - t^|^2 / (|t|^2 + 0.01) + 0.5 |r6 - r^6|^2`` with
+``t`` in normalised units, ``r6`` the first two columns of ``R`` and ``r^6`` the network's raw 6D
+output (before Gram-Schmidt), averaged over the batch.
+
+The random draws come from a generator seeded by ``(args.seed, checksum of the batch, step)``: the
+batch of step ``i`` is a pure function of ``(seed, i)``, so a resumed run repeats them exactly.
+
+Schedule options (beyond the paper, for short CPU budgets; the defaults are the paper's):
+
+* ``--dnet-angle-warmup N``: the largest rotation angle grows linearly from
+  ``--dnet-start-angle`` (degrees) to 180 over the first ``N`` steps (a curriculum; 0: always 180);
+* ``--dnet-fixed-pose canonical``: the fixed view keeps the volume's own orientation (``P = I``),
+  so the network learns poses relative to the scans' usual orientation rather than between two
+  arbitrary poses (``random``, the default); batches are then not mirrored (a flipped scan has no
+  usual orientation);
+* the generic ``--clip-grad`` of :mod:`deepreglib.train.loop` bounds the spikes of the normalised
+  translation term, whose denominator ``|t|^2 + 0.01`` makes small translations steep.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+from typing import Dict, Tuple
+
+import numpy as np
+import torch
+
+from .network import rotation_to_sixd
+from ...train.synth import random_rigid, rigid_matrix
+from ...train.loop import scan_direction
+from ...train.recipe import TrainingRecipe
+from ...train.draws import batch_generator, sample_through, uniform_draw
+
+MAX_TRANSLATION_FRACTION = 0.25
+INTENSITY_SCALE = (0.95, 1.05)
+MAX_NOISE_STD = 0.02
+
+
+def _augment_intensity(image: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    scale = uniform_draw(g, *INTENSITY_SCALE)
+    std = uniform_draw(g, 0.0, MAX_NOISE_STD)
+    noise = torch.randn(image.shape, generator=g, dtype=image.dtype)
+    return image * scale + std * noise.to(image.device)
+
+
+def rigid_training_pair(volume: torch.Tensor, g: torch.Generator, max_angle: float = math.pi,
+                        max_translation_fraction: float = MAX_TRANSLATION_FRACTION,
+                        random_fixed_pose: bool = True, augment: bool = True
+                        ) -> Dict[str, torch.Tensor]:
+    """One supervised D-Net example from ``volume`` ``(1, 1, D, H, W)``.
+
+    Returns ``fixed``, ``moving`` ``(1, 1, D, H, W)``, ``rotation`` ``(1, 3, 3)``,
+    ``translation`` ``(1, 3)`` (normalised ``(k, j, i)``) and ``sixd`` ``(1, 6)`` such that
+    ``moving(R x + t) = fixed(x)`` in normalised coordinates (up to the field of view).
+    """
+    if volume.ndim != 5 or volume.shape[:2] != (1, 1):
+        raise ValueError(f"volume must be (1, 1, D, H, W), got {tuple(volume.shape)}")
+    shape = np.asarray(volume.shape[2:], dtype=np.float64)
+    centre = (shape - 1) / 2.0
+    h = (shape.max() - 1) / 2.0
+    pose = np.eye(4)
+    if random_fixed_pose:
+        r_f, _ = random_rigid(g, math.pi, 0.0)
+        pose = rigid_matrix(r_f, np.zeros(3), centre)
+    r, unit_t = random_rigid(g, max_angle, 1.0)
+    t_vox = unit_t * shape * max_translation_fraction  # up to 1/4 of the extent per axis
+    target = rigid_matrix(r, t_vox, centre)  # voxel indices; same R, t / h in normalised units
+    fixed = sample_through(volume, pose)
+    moving = sample_through(volume, pose @ np.linalg.inv(target))
+    if augment:
+        fixed, moving = _augment_intensity(fixed, g), _augment_intensity(moving, g)
+    rot = torch.as_tensor(r, dtype=torch.float32)[None]
+    return {"fixed": fixed, "moving": moving, "rotation": rot,
+            "translation": torch.as_tensor(t_vox / h, dtype=torch.float32)[None],
+            "sixd": rotation_to_sixd(rot)}
+
+
+def dnet_loss_terms(sixd_pred: torch.Tensor, t_pred: torch.Tensor, sixd_true: torch.Tensor,
+                    t_true: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(translation term, rotation term)``, each ``(N,)``: ``0.5 |t - t^|^2 / (|t|^2 + 0.01)``
+    and ``0.5 |r6 - r^6|^2``. Shapes ``(N, 6)`` and ``(N, 3)``."""
+    if sixd_pred.shape != sixd_true.shape or t_pred.shape != t_true.shape:
+        raise ValueError(f"prediction and target shapes differ: {tuple(sixd_pred.shape)} vs "
+                         f"{tuple(sixd_true.shape)}, {tuple(t_pred.shape)} vs {tuple(t_true.shape)}")
+    lt = 0.5 * ((t_true - t_pred) ** 2).sum(-1) / ((t_true ** 2).sum(-1) + 0.01)
+    lr = 0.5 * ((sixd_true - sixd_pred) ** 2).sum(-1)
+    return lt, lr
+
+
+DEFAULTS = {"angle_warmup": 0, "start_angle": 180.0, "fixed_pose": "random", "anatomy_augment": 0.0}
+
+
+def add_dnet_arguments(p: argparse.ArgumentParser) -> None:
+    """The recipe's own options (ignored by other recipes)."""
+    p.add_argument("--dnet-angle-warmup", type=int, default=DEFAULTS["angle_warmup"],
+                   help="dnet: steps over which the largest training rotation grows linearly from "
+                        "--dnet-start-angle to 180 degrees (0: 180 from the start, as in the paper)")
+    p.add_argument("--dnet-start-angle", type=float, default=DEFAULTS["start_angle"],
+                   help="dnet: largest rotation angle (degrees) at step 0 of the warm-up")
+    p.add_argument("--dnet-fixed-pose", choices=("random", "canonical"), default=DEFAULTS["fixed_pose"],
+                   help="dnet: fixed view under a random rotation (paper) or in the volume's own orientation")
+    p.add_argument("--dnet-anatomy-augment", type=float, default=DEFAULTS["anatomy_augment"],
+                   help="dnet: new anatomy from the few real scans: per-axis scaling up to 1 +- STD/20 and a "
+                        "random smooth deformation of std up to STD voxels before the views (0: off)")
+
+
+def _arg(args: argparse.Namespace, name: str):
+    return getattr(args, f"dnet_{name}", DEFAULTS[name])
+
+
+def max_angle_at(step: int, warmup: int, start_degrees: float) -> float:
+    """Largest rotation angle (radians) of the training draws at ``step``: ``start_degrees``
+    growing linearly to 180 over ``warmup`` steps, then 180 (``warmup <= 0``: always 180)."""
+    if start_degrees < 0 or start_degrees > 180:
+        raise ValueError(f"the start angle must be in [0, 180] degrees, got {start_degrees}")
+    if warmup <= 0:
+        return math.pi
+    frac = min(max(step, 0) / float(warmup), 1.0)
+    return math.radians(start_degrees + (180.0 - start_degrees) * frac)
+
+
+def whole_volume_batch(vols, shape, rng) -> Dict[str, torch.Tensor]:
+    """A real D-Net training volume as the method sees one at inference: the whole scan, padded
+    to a centred cube of its longest side and resampled (trilinear) to ``shape``; ``fixed`` only
+    (the recipe makes both views from it)."""
+    import torch.nn.functional as F
+    v = vols[int(rng.integers(0, len(vols)))]
+    side = max(v.shape[2:])
+    pad = []
+    for n in reversed(v.shape[2:]):
+        lo = (side - n) // 2
+        pad += [lo, side - n - lo]
+    cube = F.pad(v, pad)
+    fixed = F.interpolate(cube, size=tuple(int(s) for s in shape), mode="trilinear", align_corners=True)
+    return {"fixed": fixed.clamp(0, 1), "moving": fixed.clamp(0, 1)}
+
+
+def vary_anatomy(volume: torch.Tensor, g: torch.Generator, max_std: float) -> torch.Tensor:
+    """A plausible other subject from ``volume`` ``(1, 1, D, H, W)``: per-axis scaling about the
+    centre by factors uniform in ``1 +- max_std / 20`` and a random smooth diffeomorphism (std up
+    to ``max_std`` voxels, control nodes every 8 voxels). Identity for ``max_std <= 0``."""
+    if max_std <= 0:
+        return volume
+    from ...train.synth import random_displacement
+    from ...core.warp import warp
+    shape = np.asarray(volume.shape[2:], dtype=np.float64)
+    centre = (shape - 1) / 2.0
+    factors = np.array([uniform_draw(g, 1 - max_std / 20.0, 1 + max_std / 20.0) for _ in range(3)])
+    m = np.eye(4)
+    m[:3, :3] = np.diag(1.0 / factors)
+    m[:3, 3] = centre - m[:3, :3] @ centre
+    scaled = sample_through(volume, m)
+    u, _ = random_displacement(tuple(int(n) for n in shape), g, max_std, 8)
+    return warp(scaled, u.to(scaled.dtype))
+
+
+def _build(args):
+    from .network import DNet
+    return DNet(input_size=max(int(s) for s in args.shape))
+
+
+def _loss(model, batch, args):
+    g = batch_generator(batch, args.seed, getattr(args, "current_step", None))
+    max_angle = max_angle_at(int(getattr(args, "current_step", 0)), int(_arg(args, "angle_warmup")),
+                             float(_arg(args, "start_angle")))
+    volume = batch["fixed"].detach().cpu().float()
+    if "fixed_labels" not in batch:  # a real scan: vary its anatomy (synthetic volumes vary already)
+        volume = vary_anatomy(volume, g, float(_arg(args, "anatomy_augment")))
+    ex = rigid_training_pair(volume, g, max_angle=max_angle,
+                             random_fixed_pose=_arg(args, "fixed_pose") == "random")
+    device = next(model.parameters()).device
+    out = model(ex["moving"].to(device), ex["fixed"].to(device))
+    lt, lr = dnet_loss_terms(out.sixd, out.translation, ex["sixd"].to(device), ex["translation"].to(device))
+    total = (lt + lr).mean()
+    return total, {"translation_loss": float(lt.mean().detach()), "rotation_loss": float(lr.mean().detach()),
+                   "max_angle_deg": math.degrees(max_angle)}
+
+
+def _card_entries(cfg) -> dict:
+    """``grid_direction``: the orientation of the real scans (as the network saw them), so that
+    inference shows every input to the network in that orientation (:func:`~deepreglib.methods.
+    dnet.cube_direction`); the identity when there were no real scans (synthetic volumes have
+    no anatomy to orient)."""
+    d = scan_direction(str(cfg["real_dir"])) if cfg.get("real_dir") else None
+    return {"grid_direction": d if d is not None else [float(v) for v in np.eye(3).ravel()]}
+
+
+DNET = TrainingRecipe(
+    build=_build, loss=_loss, lr=1e-4, terms=("translation_loss", "rotation_loss", "max_angle_deg"),
+    add_arguments=add_dnet_arguments, real_batch=whole_volume_batch,
+    flips=lambda args: _arg(args, "fixed_pose") == "random",
+    card_entries=_card_entries,
+    description="D-Net supervised rigid pose: one volume under a random rigid pose (angle uniform in "
+                "(-pi, pi) about a uniform axis, translation up to 1/4 extent), intensity scale 0.95-1.05 "
+                "and noise; loss 0.5|t-t^|^2/(|t|^2+0.01) + 0.5|r6-r^6|^2 (normalised units)")

@@ -1,0 +1,127 @@
+"""Training recipe ``r2n2``: ``deepreg train r2n2 --out DIR [--r2n2-steps T ...]``.
+
+Unsupervised, as in Sandkuehler et al. 2019::
+
+    loss = (1/T) sum_t S(F, M o f_t) + lambda * TV(f_T)
+
+``S`` is MSE or 1 - local NCC (window 9), ``TV`` the isotropic total variation of the final voxel
+displacement (a dimensionless strain, so ``lambda`` means the same at any resolution); Adam with
+AMSGrad; the network's recurrent convolutions carry multiplicative Gaussian weight noise in
+training (:class:`~deepreglib.methods.r2n2.network.R2N2`, ``weight_noise``). Starting points: T = 25,
+lambda = 0.1, s_max = 0.3, learning rate 1e-4.
+"""
+from __future__ import annotations
+
+import argparse
+from typing import Dict, Optional, Tuple
+
+import torch
+
+from ...core.losses import TotalVariation
+from .network import SIMILARITIES, R2N2, dissimilarity
+from ...train.recipe import TrainingRecipe, label_dice_term
+from ...core.warp import warp
+
+DEFAULTS = {"steps": 25, "tv_weight": 0.1, "s_max": 0.3, "s_min": 0.0, "similarity": "mse", "weight_noise": 0.1,
+            "bump_pairs": 0, "bump_voxels": 4.0, "readout_radius": 0.0}
+
+
+def add_r2n2_arguments(p: argparse.ArgumentParser) -> None:
+    """The recipe's own options (ignored by other recipes)."""
+    p.add_argument("--r2n2-steps", type=int, default=DEFAULTS["steps"],
+                   help="r2n2: number of local deformations T per registration in training")
+    p.add_argument("--r2n2-tv-weight", type=float, default=DEFAULTS["tv_weight"],
+                   help="r2n2: lambda, weight of the total variation of the final field")
+    p.add_argument("--r2n2-s-max", type=float, default=DEFAULTS["s_max"],
+                   help="r2n2: largest Gaussian variance per axis (normalised units squared)")
+    p.add_argument("--r2n2-s-min", type=float, default=DEFAULTS["s_min"],
+                   help="r2n2: smallest Gaussian variance per axis (0: the paper's parameterisation)")
+    p.add_argument("--r2n2-readout-radius", type=float, default=DEFAULTS["readout_radius"],
+                   help="r2n2: read each deformation's shape and weight from the features within this "
+                        "radius (normalised units) of its centre (0: pool the whole image, the paper)")
+    p.add_argument("--r2n2-similarity", choices=SIMILARITIES, default=DEFAULTS["similarity"],
+                   help="r2n2: image similarity (mse, or ncc = 1 - local NCC)")
+    p.add_argument("--r2n2-weight-noise", type=float, default=DEFAULTS["weight_noise"],
+                   help="r2n2: std of the multiplicative Gaussian noise on recurrent weights (0: off)")
+    p.add_argument("--r2n2-bump-pairs", type=int, default=DEFAULTS["bump_pairs"], metavar="K",
+                   help="r2n2: synthetic pairs deformed by K random local Gaussian deformations (the "
+                        "method's own transformation class; a curriculum) instead of the smooth "
+                        "generator's (0: off). The loss stays unsupervised.")
+    p.add_argument("--r2n2-bump-voxels", type=float, default=DEFAULTS["bump_voxels"],
+                   help="r2n2: largest weight of a bump-pair deformation per axis, voxels")
+
+
+def _arg(args: argparse.Namespace, name: str):
+    return getattr(args, f"r2n2_{name}", DEFAULTS[name])
+
+
+def bump_pair_images(moving_labels: torch.Tensor, displacement: torch.Tensor, seed: int
+                     ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(fixed, moving, fixed_labels, moving_labels)``: the fixed label map is ``moving_labels``
+    pulled through ``displacement`` (so ``fixed = moving o (x + u)``, the engine's convention), both
+    images rendered with the same random per-label intensities (``seed``) and their own
+    acquisition artefacts."""
+    from ...train.synth import labels_to_image
+    fixed_labels = warp(moving_labels.float(), displacement, "nearest").long()
+    g = torch.Generator().manual_seed(seed)
+    n = int(moving_labels.max()) + 1
+    moving, means = labels_to_image(moving_labels, g, num_labels=n)
+    fixed, _ = labels_to_image(fixed_labels, g, intensities=means, num_labels=n)
+    return fixed, moving, fixed_labels, moving_labels
+
+
+_BUMP_BANK: Dict[Tuple, Dict[str, torch.Tensor]] = {}
+
+
+def bump_batch(shape, bank_seed: int, args: argparse.Namespace) -> Optional[Dict[str, torch.Tensor]]:
+    """The synthetic batch of ``--r2n2-bump-pairs K`` (``None`` when it is 0): a synthetic label
+    image warped by ``K`` random local Gaussian deformations, cached per ``(shape, seed, K, size)``."""
+    from .gaussians import random_local_deformations
+    from ...train.synth import synth_pair
+    k, size = int(_arg(args, "bump_pairs")), float(_arg(args, "bump_voxels"))
+    if k <= 0:
+        return None
+    key = (tuple(shape), bank_seed, k, size)
+    if key not in _BUMP_BANK:
+        base = synth_pair(tuple(shape), seed=bank_seed, max_std=0.0, same_contrast=True)
+        u = random_local_deformations(shape, k, torch.Generator().manual_seed(bank_seed), size)
+        fixed, moving, fl, ml = bump_pair_images(base.moving_labels, u, bank_seed + 1)
+        _BUMP_BANK[key] = {"fixed": fixed, "moving": moving, "fixed_labels": fl.to(torch.uint8),
+                           "moving_labels": ml.to(torch.uint8)}
+    return dict(_BUMP_BANK[key])
+
+
+def build_r2n2(args: argparse.Namespace) -> R2N2:
+    return R2N2(steps=_arg(args, "steps"), s_max=_arg(args, "s_max"), s_min=_arg(args, "s_min"),
+                weight_noise=_arg(args, "weight_noise"), readout_radius=_arg(args, "readout_radius"),
+                similarity=_arg(args, "similarity"))
+
+
+def r2n2_loss(model: R2N2, batch: Dict[str, torch.Tensor], args: argparse.Namespace
+              ) -> Tuple[torch.Tensor, Dict[str, float]]:
+    """``(1/T) sum_t S(F, M o f_t) + lambda TV(f_T)`` (+ ``label_weight`` (1 - Dice) on synthetic
+    pairs when asked). Returns the total and its terms: ``similarity`` (the mean over steps),
+    ``final_similarity`` (``S(F, M o f_T)``), ``tv``."""
+    fixed, moving = batch["fixed"], batch["moving"]
+    out = model(moving, fixed, return_warped=True)
+    metric = dissimilarity(model.similarity)
+    per_step = torch.stack([metric(out.warped_steps[:, t], fixed) for t in range(out.steps)], dim=1)
+    sim = per_step.mean()
+    tv = TotalVariation()(out.displacement)
+    total = sim + _arg(args, "tv_weight") * tv
+    terms = {"similarity": float(sim.detach()), "final_similarity": float(per_step[:, -1].detach().mean()),
+             "tv": float(tv.detach())}
+    label_weight = getattr(args, "label_weight", 0.0)
+    if label_weight > 0 and "fixed_labels" in batch:
+        dice = label_dice_term(batch, out.displacement)
+        total = total + label_weight * dice
+        terms["dice_loss"] = float(dice.detach())
+    return total, terms
+
+
+R2N2_RECIPE = TrainingRecipe(
+    build=build_r2n2, loss=r2n2_loss, lr=1e-4, terms=("similarity", "final_similarity", "tv", "dice_loss"),
+    description="R2N2 in 3D: mean over the T steps of S(F, M o f_t) (MSE or 1 - local NCC) + "
+                "r2n2_tv_weight * isotropic TV of the final voxel field; Adam with AMSGrad; "
+                "Gaussian DropConnect on the recurrent units",
+    optimizer_options={"amsgrad": True}, add_arguments=add_r2n2_arguments, synthetic=bump_batch)

@@ -1,0 +1,183 @@
+"""Training recipes ``sam`` (self-supervised embeddings) and ``same_vxm`` (SAM-VoxelMorph).
+
+``sam``: from each batch's ``fixed`` volume ``V`` (synthetic or real, no annotation used), two
+views ``view(x) = V(M x)`` with random affine maps ``M`` of voxel indices (crop shift up to 15%
+of the extent per axis, scale 0.8-1.25 per axis, rotation up to 15 degrees) and random intensity
+changes (gamma 0.7-1.5, scale 0.9-1.1, offset +-0.05, noise std up to 0.03). A view-A voxel ``x``
+corresponds to ``M_B^-1 M_A x`` in view B. The loss is :class:`~deepreglib.methods.same.network.PixelInfoNCE`
+on the global (1/8) plus the local (1/2) embedding at 256 anchor points inside both views.
+
+``same_vxm``: unsupervised SAM-VoxelMorph on the ordinary training pairs with the frozen SAM
+from ``--same-vxm-sam-model``, ``$DEEPREG_SAM_WEIGHTS`` or ``Resources/Models/sam.pt``::
+
+    loss = (1 - local NCC, window 9) + reg_weight * Grad(u) + sam_weight * (1 - <e_f, e_m o phi>)
+
+with SAME's weights read as ``lambda = --reg-weight = 1`` (smoothness) and
+``gamma = --same-vxm-sam-weight = 0.5`` (SAM similarity: the inner product is maximised, so the
+loss term is one minus it).
+Random draws come from :func:`~deepreglib.train.draws.batch_generator` (exact resume).
+"""
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Dict, Tuple
+
+import numpy as np
+import torch
+
+from ...core.errors import BadInputError
+from .network import PixelInfoNCE, to_feature_coords
+from ...train.synth import random_rigid
+from ...train.recipe import TrainingRecipe
+from ...train.draws import batch_generator, sample_through, uniform_draw
+
+ANCHORS = 256
+SHIFT_FRACTION = 0.15
+SCALE_RANGE = (0.8, 1.25)
+MAX_ANGLE = math.pi / 12
+#: SAME's weight of the SAM similarity term (gamma)
+SAM_WEIGHT = 0.5
+
+
+def random_view_matrix(shape, g: torch.Generator) -> np.ndarray:
+    """4x4 map view index ``(k, j, i)`` -> volume index: about the centre, scale, rotate, shift."""
+    shape = np.asarray(shape, dtype=np.float64)
+    c = (shape - 1) / 2
+    scale = np.exp([uniform_draw(g, math.log(SCALE_RANGE[0]), math.log(SCALE_RANGE[1])) for _ in range(3)])
+    rot, unit_shift = random_rigid(g, MAX_ANGLE, 1.0)
+    m = np.eye(4)
+    m[:3, :3] = rot @ np.diag(scale)
+    m[:3, 3] = c + unit_shift * SHIFT_FRACTION * shape - m[:3, :3] @ c
+    return m
+
+
+def _intensity(view: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    gamma = uniform_draw(g, 0.7, 1.5)
+    out = view.clamp(0, 1) ** gamma * uniform_draw(g, 0.9, 1.1) + uniform_draw(g, -0.05, 0.05)
+    noise = torch.randn(view.shape, generator=g, dtype=view.dtype).to(view.device)
+    return out + uniform_draw(g, 0.0, 0.03) * noise
+
+
+def contrastive_views(volume: torch.Tensor, g: torch.Generator, anchors: int = ANCHORS,
+                      foreground: float = 0.05) -> Dict[str, torch.Tensor]:
+    """Two augmented views of ``volume`` ``(1, 1, D, H, W)`` and ``anchors`` corresponding voxel
+    pairs: returns ``view_a``, ``view_b`` ``(1, 1, D, H, W)`` and ``points_a``, ``points_b``
+    ``(P, 3)`` voxel indices ``(k, j, i)`` (inside both views, on foreground of ``V`` when there
+    is enough of it)."""
+    if volume.ndim != 5 or volume.shape[:2] != (1, 1):
+        raise ValueError(f"volume must be (1, 1, D, H, W), got {tuple(volume.shape)}")
+    shape = np.asarray(volume.shape[2:])
+    ma, mb = random_view_matrix(shape, g), random_view_matrix(shape, g)
+    a_to_b = np.linalg.inv(mb) @ ma
+    cand = (torch.rand((8 * anchors, 3), generator=g, dtype=torch.float64) * torch.as_tensor(shape - 1.0)).round()
+    pa = cand.numpy()
+    in_v = pa @ ma[:3, :3].T + ma[:3, 3]
+    pb = pa @ a_to_b[:3, :3].T + a_to_b[:3, 3]
+    ok = np.all((pb >= 0) & (pb <= shape - 1), axis=1) & np.all((in_v >= 0) & (in_v <= shape - 1), axis=1)
+    idx = np.clip(np.round(in_v).astype(int), 0, shape - 1)
+    fg = volume[0, 0].cpu().numpy()[idx[:, 0], idx[:, 1], idx[:, 2]] > foreground
+    sel = np.flatnonzero(ok & fg)
+    if len(sel) < anchors // 4:
+        sel = np.flatnonzero(ok) if ok.sum() >= 4 else np.arange(len(pa))
+    sel = sel[:anchors]
+    return {"view_a": _intensity(sample_through(volume, ma), g),
+            "view_b": _intensity(sample_through(volume, mb), g),
+            "points_a": torch.as_tensor(pa[sel]), "points_b": torch.as_tensor(pb[sel])}
+
+
+def sam_contrastive_loss(model, views: Dict[str, torch.Tensor], g: torch.Generator,
+                         criterion_global: PixelInfoNCE, criterion_local: PixelInfoNCE
+                         ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(global InfoNCE, local InfoNCE)`` of :class:`~deepreglib.methods.same.network.SAMNet` on two views."""
+    device = next(model.parameters()).device
+    out_a = model(views["view_a"].to(device))
+    out_b = model(views["view_b"].to(device))
+    full = views["view_a"].shape[2:]
+    losses = []
+    for crit, ea, eb in ((criterion_global, out_a.global_embedding, out_b.global_embedding),
+                         (criterion_local, out_a.local_embedding, out_b.local_embedding)):
+        fa = to_feature_coords(views["points_a"].to(device), full, ea.shape[2:])
+        fb = to_feature_coords(views["points_b"].to(device), full, eb.shape[2:])
+        losses.append(crit(ea, eb, fa, fb, generator=g))
+    return losses[0], losses[1]
+
+
+# -- recipe: sam ----------------------------------------------------------------------------------
+_GLOBAL_NCE = PixelInfoNCE(min_distance=1.0)  # one 1/8 voxel = 8 image voxels
+_LOCAL_NCE = PixelInfoNCE(min_distance=2.0)  # two 1/2 voxels = 4 image voxels
+
+
+def _build_sam(args):
+    from .network import SAMNet
+    return SAMNet()
+
+
+def _sam_loss(model, batch, args):
+    g = batch_generator(batch, args.seed, getattr(args, "current_step", None))
+    views = contrastive_views(batch["fixed"].detach().cpu().float(), g)
+    lg, ll = sam_contrastive_loss(model, views, g, _GLOBAL_NCE, _LOCAL_NCE)
+    return lg + ll, {"global_nce": float(lg.detach()), "local_nce": float(ll.detach())}
+
+
+SAM = TrainingRecipe(
+    build=_build_sam, loss=_sam_loss, lr=1e-4, terms=("global_nce", "local_nce"),
+    description="SAM self-supervised embeddings: pixel InfoNCE (tau 0.5, 64 hard + 64 diverse negatives) "
+                "between two augmented views (crop/scale/rotation/intensity) on global (1/8) + local (1/2) "
+                "embeddings")
+
+
+# -- recipe: same_vxm -----------------------------------------------------------------------------
+def sam_weights_path(args=None) -> Path:
+    """``--same-vxm-sam-model``, else ``$DEEPREG_SAM_WEIGHTS``, else ``Resources/Models/sam.pt``."""
+    from ...io.models import models_dir
+    given = getattr(args, "same_vxm_sam_model", None) or os.environ.get("DEEPREG_SAM_WEIGHTS")
+    return Path(given) if given else models_dir() / "sam.pt"
+
+
+def _same_vxm_arguments(p) -> None:
+    p.add_argument("--same-vxm-sam-model", default=None,
+                   help="same_vxm: trained SAM model file (.pt); default $DEEPREG_SAM_WEIGHTS or sam.pt")
+    p.add_argument("--same-vxm-sam-weight", type=float, default=SAM_WEIGHT,
+                   help="same_vxm: weight gamma of the SAM similarity loss (SAME: 0.5)")
+
+
+def _build_same_vxm(args):
+    from ..weights import load_model
+    from .network_voxelmorph import SAMVoxelMorph
+    path = sam_weights_path(args)
+    if not path.is_file():
+        raise BadInputError(f"SAM-VoxelMorph needs trained SAM weights: {path} is missing. Train them first "
+                            "(`deepreg train sam --export Resources/Models/sam`) or set DEEPREG_SAM_WEIGHTS.")
+    sam, _ = load_model(path)
+    sam = getattr(sam, "sam", sam)
+    model = SAMVoxelMorph(sam=sam.config)
+    model.sam.load_state_dict(sam.state_dict())
+    return model
+
+
+def same_vxm_loss(model, batch, reg_weight: float = 1.0, sam_weight: float = SAM_WEIGHT):
+    """SAM-VoxelMorph's loss on a batch; returns ``(total, terms)`` (see the module text)."""
+    from ...core.losses import GradientSmoothness, LocalNCC
+    from .network_voxelmorph import SAMSimilarityLoss
+    out = model(batch["moving"], batch["fixed"])
+    ncc = LocalNCC(9)(out.warped, batch["fixed"])
+    sam = SAMSimilarityLoss()(out.fixed_embedding, out.moving_embedding, out.displacement)
+    grad = GradientSmoothness("l2")(out.displacement)
+    total = ncc + reg_weight * grad + sam_weight * sam
+    return total, {"ncc_loss": float(ncc.detach()), "sam_loss": float(sam.detach()), "grad": float(grad.detach())}
+
+
+def _same_vxm_loss(model, batch, args):
+    return same_vxm_loss(model, batch, args.reg_weight, getattr(args, "same_vxm_sam_weight", SAM_WEIGHT))
+
+
+# The per-recipe option hook is newer than TrainingRecipe itself; without it the defaults apply.
+_OPTIONS = ({"add_arguments": _same_vxm_arguments}
+            if "add_arguments" in getattr(TrainingRecipe, "__dataclass_fields__", {}) else {})
+
+SAME_VXM = TrainingRecipe(
+    build=_build_same_vxm, loss=_same_vxm_loss, lr=1e-4, terms=("ncc_loss", "sam_loss", "grad"), **_OPTIONS,
+    description="SAM-VoxelMorph: (1 - local NCC) + reg_weight (lambda=1) * Grad(u) + 0.5 (gamma) * "
+                "(1 - <e_f, warped e_m>), frozen SAM correlation (27 channels) before the third U-Net block")

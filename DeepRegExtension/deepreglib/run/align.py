@@ -1,0 +1,56 @@
+"""Stage ``align``: the initial 4x4 physical map (fixed -> moving points, LPS) from
+``--initial-transform`` and ``--init``, and the check that the images then overlap."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from ..classic.align import initial_transform
+from ..core.errors import BadInputError
+from ..core.geometry import Grid, voxel_grid_points
+from ..io import images as io
+from .load import Inputs
+from .options import RegisterOptions
+from .session import Session
+
+
+def align(opts: RegisterOptions, inputs: Inputs, session: Session, device: torch.device) -> np.ndarray:
+    with session.stage("initialize"):
+        matrix = np.eye(4)
+        if opts.initial_transform:
+            matrix = io.read_linear_transform(opts.initial_transform)
+        if opts.init != "none":
+            extra = {}
+            if opts.initial_transform:
+                if opts.init not in ("rigid", "affine"):
+                    raise BadInputError(f"--init {opts.init} would discard the --initial-transform; use "
+                                        "--init rigid or affine to refine it, or --init none to use it as is")
+                extra["init"] = matrix
+            matrix = initial_transform(opts.init, inputs.fixed_n, inputs.fixed_grid, inputs.moving_n,
+                                       inputs.moving_grid, progress=session.context("initialize").progress,
+                                       cancel=session.cancel, device=device, **extra)
+        _check_overlap(overlap_fraction(inputs.fixed_grid, inputs.moving_grid, matrix), session)
+        session.reporter.progress("initialize", 1.0, "initial alignment done")
+    return matrix
+
+
+def _check_overlap(overlap: float, session: Session) -> None:
+    if overlap < 0.01:
+        raise BadInputError(
+            "the fixed and moving images do not overlap in physical space (less than 1% of the "
+            "fixed image falls inside the moving one). Use --init center (or affine) to align "
+            "them first, or give an --initial-transform.")
+    if overlap < 0.5:
+        session.warn(f"only {100 * overlap:.0f}% of the fixed image overlaps the moving image")
+
+
+def overlap_fraction(fixed: Grid, moving: Grid, matrix: np.ndarray) -> float:
+    """Fraction of fixed voxel centres (on a coarse 16^3 lattice) whose mapped point falls inside
+    the moving image's box."""
+    coarse = fixed.resized([min(16, s) for s in fixed.shape])
+    pts = voxel_grid_points(coarse, torch.float64)[0].reshape(3, -1).T.numpy()
+    mapped = pts @ matrix[:3, :3].T + matrix[:3, 3]
+    idx = moving.physical_to_index(mapped)
+    upper = np.asarray(moving.shape, dtype=np.float64) - 0.5
+    inside = np.all((idx >= -0.5) & (idx <= upper), axis=1)
+    return float(inside.mean())

@@ -1,0 +1,80 @@
+"""What a run is asked to do (:class:`RegisterOptions`, the CLI's ``register`` arguments) and the
+checks made before any work: the device and the output folder."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, Optional
+
+import torch
+
+from ..core.errors import BadInputError
+from ..io.exchange import check_output_folder  # noqa: F401 (part of the run's checks)
+from ..io.protocol import CLASSIC_INIT_CHOICES
+from .initializers import init_choices
+
+
+@dataclass
+class RegisterOptions:
+    """Everything one run needs (the CLI's ``register`` arguments)."""
+
+    fixed: str
+    moving: str
+    out: str
+    method: str = "voxelmorph"
+    device: str = "auto"
+    refine: int = 0
+    init: str = "none"
+    initial_transform: Optional[str] = None
+    fixed_mask: Optional[str] = None
+    moving_mask: Optional[str] = None
+    fixed_labels: Optional[str] = None
+    moving_labels: Optional[str] = None
+    fixed_landmarks: Optional[str] = None
+    moving_landmarks: Optional[str] = None
+    weights: Optional[str] = None
+    method_options: Dict[str, object] = field(default_factory=dict)
+    qa: bool = True
+    cpu_fallback: bool = True
+    threads: Optional[int] = None
+
+
+def check_options(opts: RegisterOptions) -> None:
+    """Refuse options no run can use (BadInputError), before anything is read."""
+    classic = [value for _label, value in CLASSIC_INIT_CHOICES]
+    if opts.init not in classic and opts.init not in init_choices():
+        raise BadInputError(f"--init must be one of {', '.join(init_choices())}, got {opts.init!r}")
+    if opts.refine < 0:
+        raise BadInputError(f"--refine must be >= 0, got {opts.refine}")
+    check_output_folder(Path(opts.out).resolve())
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` picks CUDA, then MPS, then CPU; explicit names are checked to exist."""
+    name = (name or "auto").lower()
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        mps = getattr(torch.backends, "mps", None)
+        if mps is not None and mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise BadInputError(f"unknown device {name!r}; use auto, cpu, cuda, cuda:N or mps")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise BadInputError("device cuda was asked for but torch sees no CUDA GPU; use --device cpu "
+                                "or auto (or install a CUDA build of PyTorch)")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise BadInputError(f"device {name} does not exist: {torch.cuda.device_count()} CUDA device(s)")
+    elif dev.type == "mps":
+        mps = getattr(torch.backends, "mps", None)
+        if mps is None or not mps.is_available():
+            raise BadInputError("device mps was asked for but is not available; use --device cpu or auto")
+    elif dev.type != "cpu":
+        raise BadInputError(f"unsupported device {name!r}; use auto, cpu, cuda, cuda:N or mps")
+    return dev
+
+

@@ -1,0 +1,383 @@
+"""Resumable unsupervised training: ``deepreg train METHOD --out DIR ...``.
+
+A run folder holds ``checkpoint.pt`` (weights, optimiser, step; plain tensors and numbers, loaded
+with ``weights_only=True``), ``loss.csv`` (one row per step) and ``config.json``. Starting the
+same command again continues from the checkpoint; batch ``i`` is a pure function of
+``(seed, i)``, so a resumed run sees the same data as an uninterrupted one.
+
+Each method's folder holds its :class:`~deepreglib.train.recipe.TrainingRecipe` (network, loss,
+defaults), named in its spec; the command line hands the loop the recipes of
+:func:`deepreglib.methods.registry.training_recipes`. The loop knows no method.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import time
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..core.errors import BadInputError
+from ..io.models import read_weights, save_model
+from .recipe import TrainingRecipe
+
+
+# -- data ------------------------------------------------------------------------------------
+def load_real_volumes(folder: Optional[str], spacing_mm: float = 2.0) -> List[torch.Tensor]:
+    """Unlabelled real scans for training, resampled to isotropic ``spacing_mm`` (block averaging
+    of the 1 mm OASIS volumes) and scaled to [0, 1] by robust percentiles; ``[]`` if no folder."""
+    if not folder:
+        return []
+    from ..io.images import read_image
+    from ..core.preprocess import normalize_intensity
+    vols = []
+    for p in sorted(Path(folder).glob("*.nii*")):
+        img = read_image(str(p))
+        arr = torch.from_numpy(np.asarray(
+            __import__("SimpleITK").GetArrayFromImage(img), dtype=np.float32))[None, None]
+        factors = [max(1, int(round(spacing_mm / s))) for s in img.GetSpacing()[::-1]]
+        arr = F.avg_pool3d(arr, kernel_size=factors, stride=factors)
+        vols.append(normalize_intensity(arr))
+    if not vols:
+        raise BadInputError(f"no NIfTI volumes (*.nii, *.nii.gz) in {folder}")
+    return vols
+
+
+def scan_direction(folder: str) -> Optional[List[float]]:
+    """The direction (row-major, as SimpleITK's ``GetDirection``) shared by every NIfTI scan in
+    ``folder``, read from the headers; ``None`` if there are none. :func:`load_real_volumes`
+    gives the scans as their voxel arrays, so this is the anatomical orientation a network
+    trained on them saw. Raises :class:`BadInputError` when the scans disagree."""
+    import SimpleITK as sitk
+    found = {}
+    for p in sorted(Path(folder).glob("*.nii*")):
+        reader = sitk.ImageFileReader()
+        reader.SetFileName(str(p))
+        reader.ReadImageInformation()
+        found[p.name] = tuple(round(float(v), 6) for v in reader.GetDirection())
+    if not found:
+        return None
+    if len(set(found.values())) > 1:
+        raise BadInputError(f"the scans in {folder} are stored in different orientations ({found}); "
+                            "resample them to one direction first (e.g. SimpleITK.DICOMOrient)")
+    return [float(v) for v in next(iter(found.values()))]
+
+
+def _rng(seed: int, step: int) -> np.random.Generator:
+    return np.random.default_rng([seed, step])
+
+
+def real_pair(vols: List[torch.Tensor], shape: Sequence[int], rng: np.random.Generator) -> Dict[str, torch.Tensor]:
+    """Two different subjects (inter-subject registration), the same random crop of both."""
+    i, j = rng.choice(len(vols), size=2, replace=len(vols) < 2)
+    a, b = vols[i], vols[j]
+    starts = []
+    for n, s in zip(a.shape[2:], shape):
+        starts.append(int(rng.integers(0, max(n - s, 0) + 1)))
+
+    def crop(v):
+        sl = [slice(None), slice(None)] + [slice(st, st + s) for st, s in zip(starts, shape)]
+        c = v[tuple(sl)]
+        pad = []
+        for n, s in zip(reversed(c.shape[2:]), reversed(shape)):
+            pad += [0, s - n]
+        return F.pad(c, pad) if any(pad) else c
+
+    scale = float(rng.uniform(0.9, 1.1))
+    return {"fixed": crop(a).clamp(0, 1), "moving": (crop(b) * scale).clamp(0, 1)}
+
+
+_SYNTH_BANK: Dict[Tuple, Dict[str, torch.Tensor]] = {}
+
+
+def synthetic_batch(shape: Sequence[int], seed: int, max_std: float) -> Dict[str, torch.Tensor]:
+    """A synthetic pair, cached: training draws from a bank of ``--synth-bank`` pairs (with random
+    flips), because generating a pair costs about as much as a training step on a CPU."""
+    key = (tuple(shape), seed, max_std)
+    if key not in _SYNTH_BANK:
+        from .synth import synth_pair
+        p = synth_pair(tuple(shape), seed=seed, max_std=max_std, same_contrast=True)
+        _SYNTH_BANK[key] = {"fixed": p.fixed, "moving": p.moving, "fixed_labels": p.fixed_labels.to(torch.uint8),
+                            "moving_labels": p.moving_labels.to(torch.uint8)}
+    return dict(_SYNTH_BANK[key])
+
+
+def augment(batch: Dict[str, torch.Tensor], rng: np.random.Generator, flips: bool = True) -> Dict[str, torch.Tensor]:
+    """Random axis flips of every tensor of the pair (unless ``flips`` is off) and a random swap
+    of fixed and moving (both keep the pair's correspondence; no displacement target is used by
+    the losses)."""
+    dims = [d for d in (2, 3, 4) if rng.random() < 0.5]  # drawn either way: later draws stay the same
+    if not flips:
+        dims = []
+    out = {k: (v.flip(dims) if dims else v) for k, v in batch.items()}
+    if rng.random() < 0.5:
+        out["fixed"], out["moving"] = out["moving"], out["fixed"]
+        if "fixed_labels" in out:
+            out["fixed_labels"], out["moving_labels"] = out["moving_labels"], out["fixed_labels"]
+    return out
+
+
+def make_batch(step: int, args: argparse.Namespace, vols: List[torch.Tensor],
+               recipe: Optional[TrainingRecipe] = None) -> Dict[str, torch.Tensor]:
+    """Batch ``step`` of a run: a pure function of ``(args.seed, step)``; ``recipe`` may replace
+    how real and synthetic pairs are made."""
+    rng = _rng(args.seed, step)
+    if vols and rng.random() < args.real_fraction:
+        make_real = recipe.real_batch if recipe is not None and recipe.real_batch is not None else real_pair
+        batch = make_real(vols, args.shape, rng)
+    else:
+        bank_seed = args.seed * 100_003 + int(rng.integers(0, max(1, args.synth_bank)))
+        batch = recipe.synthetic(args.shape, bank_seed, args) if recipe is not None and recipe.synthetic else None
+        if batch is None:
+            batch = synthetic_batch(args.shape, seed=bank_seed, max_std=args.max_std)
+    flips = recipe.flips(args) if recipe is not None and recipe.flips is not None else True
+    return augment(batch, rng, flips)
+
+
+# -- the loop ----------------------------------------------------------------------------------
+def train(args: argparse.Namespace, recipes: Dict[str, TrainingRecipe],
+          log: Callable[[str], None] = print) -> Path:
+    """Run or resume training of ``recipes[args.method]``; returns the checkpoint path. Writes the
+    model card and exports ``NAME.pt`` / ``NAME.json`` with :func:`save_model` when ``--export``
+    is given. ``recipes``: :func:`deepreglib.methods.registry.training_recipes`."""
+    if args.method not in recipes:
+        raise BadInputError(f"no training recipe for {args.method!r}; choose one of {sorted(recipes)}")
+    recipe = recipes[args.method]
+    if recipe.card_entries is not None:
+        recipe.card_entries(vars(args))  # what the card will record is checked before any step
+    torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    ckpt_path = out / "checkpoint.pt"
+    device = torch.device(args.device)
+    model = recipe.build(args).to(device)
+    opt = torch.optim.Adam(model.parameters(), lr=args.lr or recipe.lr, **recipe.optimizer_options)
+    step = 0
+    if ckpt_path.is_file():
+        ckpt = torch.load(ckpt_path, map_location=device, weights_only=True)
+        model.load_state_dict(ckpt["model"])
+        opt.load_state_dict(ckpt["optimizer"])
+        for group in opt.param_groups:  # the optimiser state keeps its lr: this session's --lr wins
+            group["lr"] = args.lr or recipe.lr
+        step = int(ckpt["step"])
+        log(f"resumed {args.method} from {ckpt_path} at step {step}")
+    elif getattr(args, "init_from", None):
+        step = _start_from_model(model, args, out)
+        log(f"started {args.method} from the weights of {args.init_from} at step {step}")
+    if step < args.steps:
+        _record_session(out / "config.json", args, step)
+    vols = load_real_volumes(args.real_dir, args.real_spacing) if step < args.steps else []
+    csv_path = out / "loss.csv"
+    if step < args.steps:
+        _truncate_log(csv_path, step)  # rows past the checkpoint are redone after a resume
+    fieldnames = ["step", "loss", *recipe.terms, *(["grad_norm"] if getattr(args, "clip_grad", 0.0) else []),
+                  "seconds", "real"]
+    _ensure_header(csv_path, fieldnames)
+    t_start = time.time()
+    with open(csv_path, "a", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fieldnames, extrasaction="ignore", restval="")
+        if f.tell() == 0:
+            writer.writeheader()
+        model.train()
+        while step < args.steps:
+            batch = {k: v.to(device) for k, v in make_batch(step, args, vols, recipe).items()}
+            t0 = time.time()
+            args.current_step = step  # recipes with a schedule (e.g. dnet's angle warm-up) read it
+            total, terms = recipe.loss(model, batch, args)
+            opt.zero_grad(set_to_none=True)
+            total.backward()
+            if getattr(args, "clip_grad", 0.0) and args.clip_grad > 0:
+                grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad))
+                terms = {**terms, "grad_norm": grad_norm}
+            opt.step()
+            step += 1
+            row = {"step": step, "loss": float(total.detach()), **terms, "seconds": time.time() - t0,
+                   "real": int("fixed_labels" not in batch)}
+            writer.writerow(row)
+            f.flush()
+            if step % args.log_every == 0:
+                log(f"step {step}/{args.steps} loss {float(total.detach()):.4f} " +
+                    " ".join(f"{k} {v:.4f}" for k, v in terms.items()))
+            if step % args.checkpoint_every == 0 or step == args.steps:
+                _save_checkpoint(ckpt_path, model, opt, step)
+    log(f"trained to step {step} in {time.time() - t_start:.0f} s this session")
+    if args.export:
+        export(model, args, csv_path, step, recipe)
+    return ckpt_path
+
+
+def _start_from_model(model: nn.Module, args: argparse.Namespace, out: Path) -> int:
+    """Load a trained model file (``NAME.pt`` + card) into ``model`` to go on training it in a
+    new run folder (e.g. the shipped weights, whose own run folder is gone). The step count goes
+    on from the card's ``iterations``; the card's sessions become the run's first sessions and its
+    training log is kept, so the exported card still tells the whole history. The optimiser
+    starts fresh. Returns the starting step."""
+    src = Path(args.init_from)
+    stale = [name for name in ("config.json", "loss.csv") if (out / name).exists()]
+    if stale:
+        raise BadInputError(f"--init-from starts a new run, but {out} already holds {', '.join(stale)} of another "
+                            "run (and no checkpoint): give a new --out folder")
+    state, card = read_weights(src)
+    config = json.loads(json.dumps(getattr(model, "config", None)))  # as a model card stores it
+    if card.get("network") != type(model).__name__ or card.get("config") != config:
+        raise BadInputError(
+            f"--init-from {src} holds a {card.get('network')} with config {card.get('config')}; "
+            f"{args.method} builds a {type(model).__name__} with config {getattr(model, 'config', None)}: "
+            "give the model file of this method, trained with the same architecture")
+    model.load_state_dict(state)
+    step = int(card.get("iterations", 0))
+    earlier = [{"from_step": x.get("from_step", 0), "args": dict(x.get("changed", {}), method=args.method)}
+               for x in card.get("sessions", [])]
+    (out / "config.json").write_text(json.dumps({
+        "sessions": earlier,
+        "initialised_from": {"path": str(src), "sha256": card.get("sha256"), "iterations": step,
+                             "training_log": card.get("training_log"),
+                             "earlier": card.get("initialised_from")}}, indent=2, default=str))
+    return step
+
+
+def _record_session(path: Path, args: argparse.Namespace, step: int) -> None:
+    """``config.json`` keeps the settings of every session of a run (a resumed run may change
+    them, e.g. add a loss term); the model card reports them all."""
+    sessions, old = [], {}
+    if path.is_file():
+        old = json.loads(path.read_text())
+        sessions = old.get("sessions", [{"from_step": 0, "args": old}])
+    sessions.append({"from_step": step, "args": {k: v for k, v in vars(args).items() if k not in ("func", "current_step")}})
+    kept = {k: v for k, v in old.items() if k != "sessions"} if "sessions" in old else {}
+    path.write_text(json.dumps({"sessions": sessions, **kept}, indent=2, default=str))
+
+
+def _ensure_header(csv_path: Path, fieldnames: List[str]) -> None:
+    """Give an existing ``loss.csv`` the current header (a resumed run may log new terms)."""
+    if not csv_path.is_file():
+        return
+    with open(csv_path, newline="") as f:
+        rows = list(csv.DictReader(f))
+        f.seek(0)
+        header = next(csv.reader(f), [])
+    if header == fieldnames:
+        return
+    with open(csv_path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=fieldnames, extrasaction="ignore", restval="")
+        w.writeheader()
+        w.writerows(rows)
+
+
+def _truncate_log(csv_path: Path, step: int) -> None:
+    if not csv_path.is_file():
+        return
+    with open(csv_path) as f:
+        lines = f.readlines()
+    keep = lines[:1] + [ln for ln in lines[1:] if ln.split(",", 1)[0].isdigit() and int(ln.split(",", 1)[0]) <= step]
+    if len(keep) != len(lines):
+        with open(csv_path, "w") as f:
+            f.writelines(keep)
+
+
+def _save_checkpoint(path: Path, model: nn.Module, opt: torch.optim.Optimizer, step: int) -> None:
+    tmp = path.with_suffix(".tmp")
+    torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step}, tmp)
+    os.replace(tmp, path)
+
+
+def loss_summary(csv_path: Path, window: int = 100, last_step: Optional[int] = None) -> Dict[str, object]:
+    """Mean of every logged term over the first and the last ``window`` steps of a run's
+    ``loss.csv``, separately for synthetic and real pairs (their losses are not comparable),
+    counting only steps up to ``last_step`` (the checkpoint exported)."""
+    with open(csv_path) as f:
+        rows = [r for r in csv.DictReader(f) if last_step is None or int(r["step"]) <= last_step]
+    if not rows:
+        return {}
+    out: Dict[str, object] = {"steps_logged": len(rows),
+                              "seconds_per_step": float(np.mean([float(r["seconds"]) for r in rows]))}
+    terms = [k for k in rows[0] if k not in ("step", "seconds", "real")]
+    for kind, flag in (("synthetic", "0"), ("real", "1")):
+        sel = [r for r in rows if r.get("real") == flag]
+        if not sel:
+            continue
+        summary = {}
+        for term in terms:
+            vals = [(int(r["step"]), float(r[term])) for r in sel if r.get(term) not in (None, "")]
+            if len(vals) < 2:
+                continue
+            first, last = vals[:window], vals[-window:]
+            summary[term] = {"first": float(np.mean([v for _, v in first])),
+                             "last": float(np.mean([v for _, v in last])),
+                             "first_steps": [first[0][0], first[-1][0]], "last_steps": [last[0][0], last[-1][0]]}
+        out[kind] = summary
+    return out
+
+
+def export(model: nn.Module, args: argparse.Namespace, csv_path: Path, step: int,
+           recipe: TrainingRecipe) -> Path:
+    """Write the model and its card; the card's training settings come from the run folder's
+    ``config.json`` (what the run was trained with), not from the exporting command line."""
+    cfg_path = Path(args.out) / "config.json"
+    run_cfg = json.loads(cfg_path.read_text()) if cfg_path.is_file() else {}
+    sessions = run_cfg.get("sessions", [])
+    cfg = sessions[-1]["args"] if sessions else vars(args)
+    card = {"method": args.method, "iterations": step, "device": str(cfg.get("device")),
+            "threads": cfg.get("threads"),
+            "training": {"shape": list(cfg.get("shape")), "batch": 1,
+                         "lr": cfg.get("lr") or recipe.lr, "seed": cfg.get("seed"),
+                         "synthetic_max_std": cfg.get("max_std"), "synthetic_bank": cfg.get("synth_bank"),
+                         "reg_weight": cfg.get("reg_weight"), "label_weight": cfg.get("label_weight", 0.0),
+                         "real_dir": str(cfg.get("real_dir")) if cfg.get("real_dir") else None,
+                         "real_fraction": cfg.get("real_fraction") if cfg.get("real_dir") else 0.0,
+                         "real_spacing_mm": cfg.get("real_spacing"),
+                         "loss": recipe.description},
+            "training_log": loss_summary(csv_path, last_step=step),
+            "sessions": [{"from_step": x["from_step"],
+                          "changed": {k: v for k, v in x["args"].items()
+                                      if k in ("lr", "label_weight", "reg_weight", "real_fraction", "shape",
+                                               "max_std", "threads", "device", "clip_grad", "init_from")
+                                      or k.startswith(args.method + "_")}} for x in sessions]}
+    if run_cfg.get("initialised_from"):
+        card["initialised_from"] = run_cfg["initialised_from"]  # the earlier steps' log and weights
+    if recipe.card_entries is not None:
+        card.update(recipe.card_entries(dict(cfg)))
+    return save_model(model, args.export, card)
+
+
+def add_arguments(p: argparse.ArgumentParser, recipes: Dict[str, TrainingRecipe]) -> None:
+    p.add_argument("method", help="method to train: " + ", ".join(sorted(recipes)) if recipes else "method")
+    p.add_argument("--out", required=True, help="run folder (checkpoint, loss.csv); reused to resume")
+    p.add_argument("--steps", type=int, default=2000, help="total optimiser steps (including resumed)")
+    p.add_argument("--shape", type=int, nargs=3, default=(64, 64, 64), metavar=("D", "H", "W"),
+                   help="training patch size (tensor order z y x)")
+    p.add_argument("--lr", type=float, default=None, help="learning rate (recipe default)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-std", type=float, default=3.0, help="synthetic deformation strength (voxels)")
+    p.add_argument("--synth-bank", type=int, default=256, help="number of distinct synthetic pairs")
+    p.add_argument("--real-dir", default=None, help="folder of unlabelled real NIfTI scans to mix in")
+    p.add_argument("--real-fraction", type=float, default=0.5)
+    p.add_argument("--real-spacing", type=float, default=2.0, help="mm; real scans are resampled to it")
+    p.add_argument("--reg-weight", type=float, default=1.0, help="smoothness weight")
+    p.add_argument("--label-weight", type=float, default=0.0,
+                   help="weight of 1 - Dice of the synthetic pairs' label maps (SynthMorph-style; 0: off)")
+    p.add_argument("--clip-grad", type=float, default=0.0,
+                   help="clip the gradient's global L2 norm to this value before each step (0: off); "
+                        "logged as grad_norm")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=max(1, min(4, os.cpu_count() or 1)))
+    p.add_argument("--checkpoint-every", type=int, default=25)
+    p.add_argument("--log-every", type=int, default=10)
+    p.add_argument("--export", default=None, help="write NAME.pt + NAME.json (model card) here at the end")
+    p.add_argument("--init-from", default=None, metavar="MODEL.pt",
+                   help="start a new run from these trained weights (e.g. the shipped ones) and go on "
+                        "counting their steps; ignored when the run folder already has a checkpoint")
+    for recipe in recipes.values():
+        if recipe.add_arguments is not None:
+            recipe.add_arguments(p)
+    p.add_argument("--seg-model", default=None,
+                   help="amdf: model file (.pt) of the trained amdf_seg ROI segmentation net")
+    p.add_argument("--ae-model", default=None,
+                   help="amdf: model file (.pt) of the trained amdf_ae label auto-encoder")
