@@ -130,6 +130,15 @@ def _cmd_train(args, reporter) -> int:
     return EXIT_OK
 
 
+def _cmd_train_cache(args, reporter) -> int:
+    import torch
+    from .train.cache import build_cache
+    torch.set_num_threads(args.threads)
+    print(build_cache(args.data, args.out, shape=tuple(args.shape), spacing=args.spacing,
+                      datasets=args.datasets, limit=args.limit, log=lambda m: print(m, flush=True)))
+    return EXIT_OK
+
+
 def _cmd_report(args, reporter) -> int:
     from .report.qa import report_from_manifest
     path = report_from_manifest(args.manifest, args.out)
@@ -174,6 +183,15 @@ def build_parser() -> argparse.ArgumentParser:
     from .train.loop import add_arguments
     pt = sub.add_parser("train", help="train (or resume training) a method's network")
     add_arguments(pt, training_recipes())
+    pc = sub.add_parser("train-cache", help="align the real training scans affinely to one reference, once, "
+                                             "and cache them on the coarse training grid")
+    pc.add_argument("--data", required=True, help="the shared data folder (../shared/data)")
+    pc.add_argument("--out", required=True, help="cache folder (resumes a build with the same settings)")
+    pc.add_argument("--shape", type=int, nargs=3, default=(64, 80, 64), metavar=("D", "H", "W"))
+    pc.add_argument("--spacing", type=float, default=2.5, help="mm")
+    pc.add_argument("--datasets", nargs="+", default=["ixi_muse", "openneuro_ds002748"])
+    pc.add_argument("--limit", type=int, default=None, help="at most this many subjects per split (tests)")
+    pc.add_argument("--threads", type=int, default=1)
     pr = sub.add_parser("report", help="draw the QA picture of a finished run")
     pr.add_argument("manifest", help="a run's manifest.json")
     pr.add_argument("--out", default=None, help="PNG path (default: qa.png beside the manifest)")
@@ -233,6 +251,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             return EXIT_BAD_INPUT
         reporter = _make_reporter(getattr(args, "progress", "bar"))
         handler = {"register": _cmd_register, "methods": _cmd_methods, "train": _cmd_train,
+                   "train-cache": _cmd_train_cache,
                    "report": _cmd_report, "example": _cmd_example, "devices": _cmd_devices,
                    "qa": _cmd_qa}[args.command]
         return handler(args, reporter)

@@ -50,6 +50,18 @@ def load_real_volumes(folder: Optional[str], spacing_mm: float = 2.0) -> List[to
     return vols
 
 
+def load_training_scans(args: argparse.Namespace) -> Tuple[List[torch.Tensor], Optional[List]]:
+    """The real scans of a run: the training cache's ``train`` split (``--cache``, with its label
+    maps) or the NIfTI files of ``--real-dir``; ``([], None)`` when neither is given."""
+    if getattr(args, "cache", None):
+        if args.real_dir:
+            raise BadInputError("give either --cache or --real-dir, not both")
+        from .cache import load_cache
+        subjects, _ = load_cache(args.cache, "train")
+        return [s.image for s in subjects], [s.labels for s in subjects]
+    return load_real_volumes(args.real_dir, args.real_spacing), None
+
+
 def scan_direction(folder: str) -> Optional[List[float]]:
     """The direction (row-major, as SimpleITK's ``GetDirection``) shared by every NIfTI scan in
     ``folder``, read from the headers; ``None`` if there are none. :func:`load_real_volumes`
@@ -74,8 +86,14 @@ def _rng(seed: int, step: int) -> np.random.Generator:
     return np.random.default_rng([seed, step])
 
 
-def real_pair(vols: List[torch.Tensor], shape: Sequence[int], rng: np.random.Generator) -> Dict[str, torch.Tensor]:
-    """Two different subjects (inter-subject registration), the same random crop of both."""
+def real_pair(vols: List[torch.Tensor], shape: Sequence[int], rng: np.random.Generator,
+              labels: Optional[List[Optional[torch.Tensor]]] = None, label_sample: int = 16
+              ) -> Dict[str, torch.Tensor]:
+    """Two different subjects (inter-subject registration), the same random crop of both. With
+    ``labels`` (the cache's label maps, parallel to ``vols``) the pair also gets
+    ``fixed_labels``/``moving_labels``: ``label_sample`` of the fixed subject's labels drawn at
+    random, renumbered ``1..k`` (:func:`~deepreglib.train.cache.sample_labels`), for a cheap Dice
+    term (VoxelMorph's semi-supervised variant: labels at training only)."""
     i, j = rng.choice(len(vols), size=2, replace=len(vols) < 2)
     a, b = vols[i], vols[j]
     starts = []
@@ -91,7 +109,12 @@ def real_pair(vols: List[torch.Tensor], shape: Sequence[int], rng: np.random.Gen
         return F.pad(c, pad) if any(pad) else c
 
     scale = float(rng.uniform(0.9, 1.1))
-    return {"fixed": crop(a).clamp(0, 1), "moving": (crop(b) * scale).clamp(0, 1)}
+    out = {"fixed": crop(a).clamp(0, 1), "moving": (crop(b) * scale).clamp(0, 1)}
+    if labels is not None and labels[i] is not None and labels[j] is not None:
+        from .cache import sample_labels
+        out["fixed_labels"], out["moving_labels"] = sample_labels(crop(labels[i]), crop(labels[j]),
+                                                                  label_sample, rng)
+    return out
 
 
 _SYNTH_BANK: Dict[Tuple, Dict[str, torch.Tensor]] = {}
@@ -125,20 +148,31 @@ def augment(batch: Dict[str, torch.Tensor], rng: np.random.Generator, flips: boo
 
 
 def make_batch(step: int, args: argparse.Namespace, vols: List[torch.Tensor],
-               recipe: Optional[TrainingRecipe] = None) -> Dict[str, torch.Tensor]:
+               recipe: Optional[TrainingRecipe] = None,
+               labels: Optional[List[Optional[torch.Tensor]]] = None) -> Dict[str, torch.Tensor]:
     """Batch ``step`` of a run: a pure function of ``(args.seed, step)``; ``recipe`` may replace
     how real and synthetic pairs are made."""
+    return draw_batch(step, args, vols, recipe, labels)[0]
+
+
+def draw_batch(step: int, args: argparse.Namespace, vols: List[torch.Tensor],
+               recipe: Optional[TrainingRecipe] = None,
+               labels: Optional[List[Optional[torch.Tensor]]] = None) -> Tuple[Dict[str, torch.Tensor], bool]:
+    """:func:`make_batch` and whether the pair is real (the loss log keeps the two apart)."""
     rng = _rng(args.seed, step)
-    if vols and rng.random() < args.real_fraction:
-        make_real = recipe.real_batch if recipe is not None and recipe.real_batch is not None else real_pair
-        batch = make_real(vols, args.shape, rng)
+    real = bool(vols) and rng.random() < args.real_fraction
+    if real:
+        if recipe is not None and recipe.real_batch is not None:
+            batch = recipe.real_batch(vols, args.shape, rng)
+        else:
+            batch = real_pair(vols, args.shape, rng, labels, getattr(args, "label_sample", 16))
     else:
         bank_seed = args.seed * 100_003 + int(rng.integers(0, max(1, args.synth_bank)))
         batch = recipe.synthetic(args.shape, bank_seed, args) if recipe is not None and recipe.synthetic else None
         if batch is None:
             batch = synthetic_batch(args.shape, seed=bank_seed, max_std=args.max_std)
     flips = recipe.flips(args) if recipe is not None and recipe.flips is not None else True
-    return augment(batch, rng, flips)
+    return augment(batch, rng, flips), real
 
 
 # -- the loop ----------------------------------------------------------------------------------
@@ -173,7 +207,7 @@ def train(args: argparse.Namespace, recipes: Dict[str, TrainingRecipe],
         log(f"started {args.method} from the weights of {args.init_from} at step {step}")
     if step < args.steps:
         _record_session(out / "config.json", args, step)
-    vols = load_real_volumes(args.real_dir, args.real_spacing) if step < args.steps else []
+    vols, labels = (load_training_scans(args) if step < args.steps else ([], None))
     csv_path = out / "loss.csv"
     if step < args.steps:
         _truncate_log(csv_path, step)  # rows past the checkpoint are redone after a resume
@@ -187,7 +221,8 @@ def train(args: argparse.Namespace, recipes: Dict[str, TrainingRecipe],
             writer.writeheader()
         model.train()
         while step < args.steps:
-            batch = {k: v.to(device) for k, v in make_batch(step, args, vols, recipe).items()}
+            batch, is_real = draw_batch(step, args, vols, recipe, labels)
+            batch = {k: v.to(device) for k, v in batch.items()}
             t0 = time.time()
             args.current_step = step  # recipes with a schedule (e.g. dnet's angle warm-up) read it
             total, terms = recipe.loss(model, batch, args)
@@ -199,7 +234,7 @@ def train(args: argparse.Namespace, recipes: Dict[str, TrainingRecipe],
             opt.step()
             step += 1
             row = {"step": step, "loss": float(total.detach()), **terms, "seconds": time.time() - t0,
-                   "real": int("fixed_labels" not in batch)}
+                   "real": int(is_real)}
             writer.writerow(row)
             f.flush()
             if step % args.log_every == 0:
@@ -331,13 +366,15 @@ def export(model: nn.Module, args: argparse.Namespace, csv_path: Path, step: int
                          "synthetic_max_std": cfg.get("max_std"), "synthetic_bank": cfg.get("synth_bank"),
                          "reg_weight": cfg.get("reg_weight"), "label_weight": cfg.get("label_weight", 0.0),
                          "real_dir": str(cfg.get("real_dir")) if cfg.get("real_dir") else None,
-                         "real_fraction": cfg.get("real_fraction") if cfg.get("real_dir") else 0.0,
+                         "cache": str(cfg.get("cache")) if cfg.get("cache") else None,
+                         "label_sample": cfg.get("label_sample") if cfg.get("cache") else None,
+                         "real_fraction": cfg.get("real_fraction") if cfg.get("real_dir") or cfg.get("cache") else 0.0,
                          "real_spacing_mm": cfg.get("real_spacing"),
                          "loss": recipe.description},
             "training_log": loss_summary(csv_path, last_step=step),
             "sessions": [{"from_step": x["from_step"],
                           "changed": {k: v for k, v in x["args"].items()
-                                      if k in ("lr", "label_weight", "reg_weight", "real_fraction", "shape",
+                                      if k in ("lr", "label_weight", "reg_weight", "real_fraction", "shape", "cache", "real_dir",
                                                "max_std", "threads", "device", "clip_grad", "init_from")
                                       or k.startswith(args.method + "_")}} for x in sessions]}
     if run_cfg.get("initialised_from"):
@@ -358,11 +395,17 @@ def add_arguments(p: argparse.ArgumentParser, recipes: Dict[str, TrainingRecipe]
     p.add_argument("--max-std", type=float, default=3.0, help="synthetic deformation strength (voxels)")
     p.add_argument("--synth-bank", type=int, default=256, help="number of distinct synthetic pairs")
     p.add_argument("--real-dir", default=None, help="folder of unlabelled real NIfTI scans to mix in")
+    p.add_argument("--cache", default=None,
+                   help="training cache (deepreg train-cache): its train split's aligned real scans, "
+                        "with their label maps when they have them")
+    p.add_argument("--label-sample", type=int, default=16,
+                   help="labels drawn at random per real pair for the Dice term (of the ~145 MUSE ones)")
     p.add_argument("--real-fraction", type=float, default=0.5)
     p.add_argument("--real-spacing", type=float, default=2.0, help="mm; real scans are resampled to it")
     p.add_argument("--reg-weight", type=float, default=1.0, help="smoothness weight")
     p.add_argument("--label-weight", type=float, default=0.0,
-                   help="weight of 1 - Dice of the synthetic pairs' label maps (SynthMorph-style; 0: off)")
+                   help="weight of 1 - Dice of the pairs' label maps: synthetic pairs (SynthMorph-style) "
+                        "and, with --cache, the real scans' sampled labels (0: off)")
     p.add_argument("--clip-grad", type=float, default=0.0,
                    help="clip the gradient's global L2 norm to this value before each step (0: off); "
                         "logged as grad_norm")

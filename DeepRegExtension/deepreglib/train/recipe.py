@@ -56,8 +56,9 @@ class TrainingRecipe:
 
 
 def label_dice_term(batch, displacement):
-    """``1 - Dice`` of the synthetic moving labels warped by ``displacement`` against the fixed
-    labels (SynthMorph's anatomy-agnostic supervision; synthetic pairs only, no real annotations)."""
+    """``1 - Dice`` of the moving labels warped by ``displacement`` against the fixed labels:
+    the synthetic pairs' label maps (SynthMorph's anatomy-agnostic supervision) or the cached
+    real scans' sampled labels (VoxelMorph's semi-supervised variant); training only."""
     n = int(max(batch["fixed_labels"].max(), batch["moving_labels"].max())) + 1
     warped = warp(one_hot(batch["moving_labels"].long(), n), displacement)
     return DiceLoss()(warped, one_hot(batch["fixed_labels"].long(), n))

@@ -1,0 +1,184 @@
+"""The CPU training campaign (issue 17): train the learned methods on the training cache in
+chunks, validate each chunk on the cache's ``val`` split, record it in the ledger, and export the
+weights into ``Resources/Models`` only when the validation Dice beats what is shipped.
+
+    nice -n 19 python benchmarks/campaign.py --cache RUNS/cache --runs RUNS \\
+        --methods carnet voxelmorph --chunk 200 --threads 1 [--hours H]
+
+Each method has a run folder ``RUNS/<method>`` (``deepreg train``'s checkpoint and ``loss.csv``;
+a killed session resumes from the last checkpoint). A run that has no checkpoint starts from the
+shipped weights (``--init-from``), so every session continues the same history; the model card
+lists every session. The methods take turns chunk by chunk, so they get equal budgets.
+
+Ledger: ``benchmarks/results/training-ledger.csv``, one row per chunk: date, session, method,
+steps, CPU hours (seconds per step from ``loss.csv`` times threads), the chunk's mean loss, the
+validation Dice (and the affine-only Dice of the same pairs), folding, and whether it was
+exported. ``--plot`` draws validation Dice against cumulative CPU hours for every method.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime as _dt
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+MODELS = ROOT / "Resources" / "Models"
+LEDGER = ROOT / "benchmarks" / "results" / "training-ledger.csv"
+FIELDS = ["date", "session", "method", "from_step", "to_step", "cpu_hours", "cpu_hours_total",
+          "loss_mean", "dice_loss_mean", "val_pairs", "val_dice_affine", "val_dice", "val_folding_percent",
+          "shipped_val_dice", "exported", "sha256"]
+
+#: per method: the ``deepreg train`` options of the campaign's recipe (coarse cached grid)
+RECIPES = {
+    "carnet": ["--lr", "0.0003", "--label-weight", "1.0", "--real-fraction", "0.8"],
+    "voxelmorph": ["--lr", "0.0003", "--label-weight", "1.0", "--real-fraction", "0.8"],
+}
+#: the ``deepreg register --method`` name validating each training recipe's model
+INFER_NAME = {"carnet": "carnet", "voxelmorph": "voxelmorph"}
+
+
+def read_ledger():
+    if not LEDGER.is_file():
+        return []
+    with open(LEDGER, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def append_ledger(row):
+    LEDGER.parent.mkdir(parents=True, exist_ok=True)
+    new = not LEDGER.is_file()
+    with open(LEDGER, "a", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=FIELDS, extrasaction="ignore")
+        if new:
+            w.writeheader()
+        w.writerow(row)
+
+
+def chunk_stats(run: Path, from_step: int, to_step: int, threads: int):
+    with open(run / "loss.csv", newline="") as f:
+        rows = [r for r in csv.DictReader(f) if from_step < int(r["step"]) <= to_step]
+    secs = sum(float(r["seconds"]) for r in rows)
+    loss = [float(r["loss"]) for r in rows]
+    dice = [float(r["dice_loss"]) for r in rows if r.get("dice_loss") not in (None, "")]
+    mean = lambda v: sum(v) / len(v) if v else float("nan")  # noqa: E731
+    return secs * threads / 3600.0, mean(loss), mean(dice)
+
+
+def checkpoint_step(run: Path) -> int:
+    ckpt = run / "checkpoint.pt"
+    if not ckpt.is_file():
+        return -1
+    import torch
+    return int(torch.load(ckpt, map_location="cpu", weights_only=True)["step"])
+
+
+def shipped_score(method: str, cache: str, pairs: int, cache_file: Path) -> float:
+    """Validation Dice of the shipped weights (computed once per sha256, kept in ``cache_file``)."""
+    card = json.loads((MODELS / f"{method}.json").read_text())
+    known = json.loads(cache_file.read_text()) if cache_file.is_file() else {}
+    key = f"{method}:{card['sha256']}:{pairs}"
+    if key not in known:
+        from deepreglib.run.validate import validate
+        known[key] = validate(INFER_NAME[method], str(MODELS / f"{method}.pt"), cache, pairs)["dice"]
+        cache_file.write_text(json.dumps(known, indent=1))
+    return float(known[key])
+
+
+def run_chunk(method: str, args, session: str) -> dict:
+    from deepreglib.run.validate import validate
+    run = Path(args.runs) / method
+    start = checkpoint_step(run)
+    cmd = [sys.executable, "-m", "deepreglib", "train", method, "--out", str(run), "--cache", args.cache,
+           "--shape", *map(str, args.shape), "--threads", str(args.threads), "--checkpoint-every", "25",
+           "--log-every", "50", *RECIPES[method]]
+    if start < 0:
+        cmd += ["--init-from", str(MODELS / f"{method}.pt")]
+        start = int(json.loads((MODELS / f"{method}.json").read_text()).get("iterations", 0))
+    candidate = Path(args.runs) / "candidates" / method / f"{method}.pt"
+    candidate.parent.mkdir(parents=True, exist_ok=True)
+    cmd += ["--steps", str(start + args.chunk), "--export", str(candidate)]
+    subprocess.run(cmd, check=True)
+    end = checkpoint_step(run)
+    hours, loss, dice_loss = chunk_stats(run, start, end, args.threads)
+    earlier = [r for r in read_ledger() if r["method"] == method]
+    total = (float(earlier[-1]["cpu_hours_total"]) if earlier else 0.0) + hours
+    score = validate(INFER_NAME[method], str(candidate), args.cache, args.val_pairs)
+    shipped = shipped_score(method, args.cache, args.val_pairs, Path(args.runs) / "shipped-scores.json")
+    exported, sha = False, ""
+    if score["dice"] > shipped and score["folding_percent"] < 0.5:
+        for suffix in (".pt", ".json"):
+            shutil.copyfile(candidate.with_suffix(suffix), MODELS / f"{method}{suffix}")
+        exported = True
+        sha = json.loads(candidate.with_suffix(".json").read_text())["sha256"]
+    row = {"date": _dt.date.today().isoformat(), "session": session, "method": method, "from_step": start,
+           "to_step": end, "cpu_hours": f"{hours:.4f}", "cpu_hours_total": f"{total:.4f}",
+           "loss_mean": f"{loss:.4f}", "dice_loss_mean": f"{dice_loss:.4f}", "val_pairs": score["pairs"],
+           "val_dice_affine": f"{score['dice_affine']:.4f}", "val_dice": f"{score['dice']:.4f}",
+           "val_folding_percent": f"{score['folding_percent']:.4f}", "shipped_val_dice": f"{shipped:.4f}",
+           "exported": int(exported), "sha256": sha}
+    append_ledger(row)
+    print(json.dumps(row), flush=True)
+    return row
+
+
+def plot(out: Path) -> Path:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    rows = read_ledger()
+    fig = Figure(figsize=(6.5, 4))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(111)
+    for method in sorted({r["method"] for r in rows}):
+        sel = [r for r in rows if r["method"] == method]
+        ax.plot([float(r["cpu_hours_total"]) for r in sel], [float(r["val_dice"]) for r in sel], "o-", label=method)
+    if rows:
+        ax.axhline(float(rows[-1]["val_dice_affine"]), color="grey", ls="--", label="affine alone")
+    ax.set_xlabel("CPU hours of campaign training (cumulative)")
+    ax.set_ylabel("validation Dice (ixi_muse val, ~145 labels)")
+    ax.legend()
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    return out
+
+
+def main(argv=None):
+    global MODELS, LEDGER
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--cache", help="training cache (deepreg train-cache)")
+    p.add_argument("--runs", help="folder of the run folders (outside the repository)")
+    p.add_argument("--methods", nargs="+", default=["carnet", "voxelmorph"], choices=sorted(RECIPES))
+    p.add_argument("--chunk", type=int, default=200, help="steps per method per turn")
+    p.add_argument("--shape", type=int, nargs=3, default=(64, 80, 64))
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--rounds", type=int, default=None, help="stop after this many turns of every method")
+    p.add_argument("--val-pairs", type=int, default=10)
+    p.add_argument("--hours", type=float, default=100.0, help="stop starting chunks after this wall time")
+    p.add_argument("--session", default=_dt.datetime.now().strftime("%Y-%m-%dT%H:%M"))
+    p.add_argument("--models", default=str(MODELS), help="where the shipped weights are read and improved ones go")
+    p.add_argument("--ledger", default=str(LEDGER))
+    p.add_argument("--plot", default=None, metavar="PNG", help="only draw the ledger's plot")
+    args = p.parse_args(argv)
+    MODELS, LEDGER = Path(args.models), Path(args.ledger)
+    if args.plot:
+        print(plot(Path(args.plot)))
+        return 0
+    if not args.cache or not args.runs:
+        p.error("--cache and --runs are required to train")
+    t0 = time.time()
+    rounds = 0
+    while time.time() - t0 < args.hours * 3600 and (args.rounds is None or rounds < args.rounds):
+        rounds += 1
+        for method in args.methods:
+            run_chunk(method, args, args.session)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
