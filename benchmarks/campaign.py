@@ -90,6 +90,16 @@ def shipped_score(method: str, cache: str, pairs: int, cache_file: Path) -> floa
     return float(known[key])
 
 
+def annotate_card(card_path: Path, score: dict, shipped: float, session: str) -> None:
+    """Record on the exported card how it was chosen: its validation on the cache's val pairs
+    against the weights it replaced (the weights' sha256 is unchanged: it covers the .pt only)."""
+    card = json.loads(card_path.read_text())
+    card["validation"] = {"split": "ixi_muse val (training cache, after its affine)", "session": session,
+                          **score, "replaced_val_dice": shipped,
+                          "ledger": "benchmarks/results/training-ledger.csv"}
+    card_path.write_text(json.dumps(card, indent=2))
+
+
 def run_chunk(method: str, args, session: str) -> dict:
     from deepreglib.run.validate import validate
     run = Path(args.runs) / method
@@ -116,6 +126,7 @@ def run_chunk(method: str, args, session: str) -> dict:
             shutil.copyfile(candidate.with_suffix(suffix), MODELS / f"{method}{suffix}")
         exported = True
         sha = json.loads(candidate.with_suffix(".json").read_text())["sha256"]
+        annotate_card(MODELS / f"{method}.json", score, shipped, session)
     row = {"date": _dt.date.today().isoformat(), "session": session, "method": method, "from_step": start,
            "to_step": end, "cpu_hours": f"{hours:.4f}", "cpu_hours_total": f"{total:.4f}",
            "loss_mean": f"{loss:.4f}", "dice_loss_mean": f"{dice_loss:.4f}", "val_pairs": score["pairs"],

@@ -188,9 +188,12 @@ def train(args: argparse.Namespace, recipes: Dict[str, TrainingRecipe],
         recipe.card_entries(vars(args))  # what the card will record is checked before any step
     torch.set_num_threads(args.threads)
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    dist = _Distributed.from_environment(args.device)
+    if dist.main:
+        out.mkdir(parents=True, exist_ok=True)
+    dist.barrier()
     ckpt_path = out / "checkpoint.pt"
-    device = torch.device(args.device)
+    device = dist.device
     model = recipe.build(args).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=args.lr or recipe.lr, **recipe.optimizer_options)
     step = 0
@@ -205,29 +208,34 @@ def train(args: argparse.Namespace, recipes: Dict[str, TrainingRecipe],
     elif getattr(args, "init_from", None):
         step = _start_from_model(model, args, out)
         log(f"started {args.method} from the weights of {args.init_from} at step {step}")
-    if step < args.steps:
+    dist.broadcast_model(model)  # every process starts from rank 0's weights
+    if step < args.steps and dist.main:
         _record_session(out / "config.json", args, step)
     vols, labels = (load_training_scans(args) if step < args.steps else ([], None))
     csv_path = out / "loss.csv"
-    if step < args.steps:
+    if step < args.steps and dist.main:
         _truncate_log(csv_path, step)  # rows past the checkpoint are redone after a resume
     fieldnames = ["step", "loss", *recipe.terms, *(["grad_norm"] if getattr(args, "clip_grad", 0.0) else []),
                   "seconds", "real"]
-    _ensure_header(csv_path, fieldnames)
+    if dist.main:
+        _ensure_header(csv_path, fieldnames)
     t_start = time.time()
-    with open(csv_path, "a", newline="") as f:
+    # only rank 0 writes the log, the checkpoint and the model file
+    with (open(csv_path, "a", newline="") if dist.main else open(os.devnull, "w")) as f:
         writer = csv.DictWriter(f, fieldnames=fieldnames, extrasaction="ignore", restval="")
         if f.tell() == 0:
             writer.writeheader()
         model.train()
         while step < args.steps:
-            batch, is_real = draw_batch(step, args, vols, recipe, labels)
+            # process r of N draws batch step * N + r: distinct pairs, the same for a resumed run
+            batch, is_real = draw_batch(step * dist.world_size + dist.rank, args, vols, recipe, labels)
             batch = {k: v.to(device) for k, v in batch.items()}
             t0 = time.time()
             args.current_step = step  # recipes with a schedule (e.g. dnet's angle warm-up) read it
             total, terms = recipe.loss(model, batch, args)
             opt.zero_grad(set_to_none=True)
             total.backward()
+            dist.average_gradients(model)
             if getattr(args, "clip_grad", 0.0) and args.clip_grad > 0:
                 grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad))
                 terms = {**terms, "grad_norm": grad_norm}
@@ -237,15 +245,102 @@ def train(args: argparse.Namespace, recipes: Dict[str, TrainingRecipe],
                    "real": int(is_real)}
             writer.writerow(row)
             f.flush()
-            if step % args.log_every == 0:
+            if step % args.log_every == 0 and dist.main:
                 log(f"step {step}/{args.steps} loss {float(total.detach()):.4f} " +
                     " ".join(f"{k} {v:.4f}" for k, v in terms.items()))
-            if step % args.checkpoint_every == 0 or step == args.steps:
+            if (step % args.checkpoint_every == 0 or step == args.steps) and dist.main:
                 _save_checkpoint(ckpt_path, model, opt, step)
-    log(f"trained to step {step} in {time.time() - t_start:.0f} s this session")
-    if args.export:
-        export(model, args, csv_path, step, recipe)
+    dist.record_agreement(model, out / "distributed.json")
+    if dist.main:
+        log(f"trained to step {step} in {time.time() - t_start:.0f} s this session"
+            + (f" on {dist.world_size} processes" if dist.world_size > 1 else ""))
+        if args.export:
+            export(model, args, csv_path, step, recipe)
+    dist.close()
     return ckpt_path
+
+
+class _Distributed:
+    """Data-parallel training under ``torchrun --nproc_per_node N`` (gloo on the CPU, nccl on
+    GPUs): every process draws its own batches, the gradients are averaged across processes after
+    each backward pass, and rank 0 writes the log, checkpoints and the model file.
+
+    The gradients are all-reduced by hand rather than through ``DistributedDataParallel``: the
+    recipes call their networks' own methods and attributes, which a DDP wrapper hides, and a
+    method's loss may leave some parameters without a gradient in one step. Averaged gradients
+    on identical weights with the same optimiser keep the weights identical (checked at the end,
+    ``distributed.json``). Without ``torchrun`` (``WORLD_SIZE`` unset or 1) everything is a no-op."""
+
+    def __init__(self, rank: int, world_size: int, device: torch.device):
+        self.rank, self.world_size, self.device = rank, world_size, device
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @classmethod
+    def from_environment(cls, device: str) -> "_Distributed":
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        dev = torch.device(device)
+        if world <= 1:
+            return cls(0, 1, dev)
+        import torch.distributed as tdist
+        if dev.type == "cuda":
+            dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+            torch.cuda.set_device(dev)
+        tdist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+        return cls(tdist.get_rank(), tdist.get_world_size(), dev)
+
+    def barrier(self) -> None:
+        if self.world_size > 1:
+            import torch.distributed as tdist
+            tdist.barrier()
+
+    def broadcast_model(self, model: nn.Module) -> None:
+        if self.world_size > 1:
+            import torch.distributed as tdist
+            for t in list(model.parameters()) + list(model.buffers()):
+                tdist.broadcast(t.data, src=0)
+
+    def average_gradients(self, model: nn.Module) -> None:
+        if self.world_size <= 1:
+            return
+        import torch.distributed as tdist
+        for p in model.parameters():
+            if not p.requires_grad:
+                continue
+            if p.grad is None:  # unused in this process's loss: contributes zero
+                p.grad = torch.zeros_like(p)
+            tdist.all_reduce(p.grad, op=tdist.ReduceOp.SUM)
+            p.grad /= self.world_size
+
+    def record_agreement(self, model: nn.Module, path: Path) -> None:
+        """Rank 0 writes each process's weight checksum and the largest difference from rank 0's
+        weights (0 when data parallelism kept them identical)."""
+        if self.world_size <= 1:
+            return
+        import torch.distributed as tdist
+        flat = torch.cat([p.detach().reshape(-1).to("cpu", torch.float64) for p in model.parameters()])
+        ref = flat.clone().to(self.device)
+        tdist.broadcast(ref, src=0)
+        diff = torch.tensor([float((flat.to(self.device) - ref).abs().max())], device=self.device)
+        total = torch.tensor([float(flat.sum())], device=self.device)
+        diffs = [torch.zeros_like(diff) for _ in range(self.world_size)]
+        sums = [torch.zeros_like(total) for _ in range(self.world_size)]
+        tdist.all_gather(diffs, diff)
+        tdist.all_gather(sums, total)
+        if self.main:
+            path.write_text(json.dumps({"world_size": self.world_size,
+                                        "max_abs_difference_from_rank0": [float(d) for d in diffs],
+                                        "weight_sums": [float(x) for x in sums]}, indent=1))
+
+    def close(self) -> None:
+        """Wait for every process (rank 0 may still be exporting), then leave the group: a
+        process leaving while another still talks to it aborts that one."""
+        if self.world_size > 1:
+            import torch.distributed as tdist
+            tdist.barrier()
+            tdist.destroy_process_group()
 
 
 def _start_from_model(model: nn.Module, args: argparse.Namespace, out: Path) -> int:
