@@ -147,7 +147,10 @@ def plot(out: Path) -> Path:
     ax = fig.add_subplot(111)
     for method in sorted({r["method"] for r in rows}):
         sel = [r for r in rows if r["method"] == method]
-        ax.plot([float(r["cpu_hours_total"]) for r in sel], [float(r["val_dice"]) for r in sel], "o-", label=method)
+        # the first point: the weights the campaign started from, at 0 campaign hours
+        hours = [0.0] + [float(r["cpu_hours_total"]) for r in sel]
+        dice = [float(sel[0]["shipped_val_dice"])] + [float(r["val_dice"]) for r in sel]
+        ax.plot(hours, dice, "o-", label=method)
     if rows:
         ax.axhline(float(rows[-1]["val_dice_affine"]), color="grey", ls="--", label="affine alone")
     ax.set_xlabel("CPU hours of campaign training (cumulative)")
