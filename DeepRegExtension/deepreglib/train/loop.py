@@ -206,7 +206,10 @@ def train(args: argparse.Namespace, recipes: Dict[str, TrainingRecipe],
         step = int(ckpt["step"])
         log(f"resumed {args.method} from {ckpt_path} at step {step}")
     elif getattr(args, "init_from", None):
-        step = _start_from_model(model, args, out)
+        if dist.main:
+            step = _start_from_model(model, args, out)
+        else:  # the other processes get rank 0's weights by broadcast; only the step is needed
+            step = int(read_weights(Path(args.init_from))[1].get("iterations", 0))
         log(f"started {args.method} from the weights of {args.init_from} at step {step}")
     dist.broadcast_model(model)  # every process starts from rank 0's weights
     if step < args.steps and dist.main:

@@ -62,3 +62,14 @@ def label_dice_term(batch, displacement):
     n = int(max(batch["fixed_labels"].max(), batch["moving_labels"].max())) + 1
     warped = warp(one_hot(batch["moving_labels"].long(), n), displacement)
     return DiceLoss()(warped, one_hot(batch["fixed_labels"].long(), n))
+
+
+def add_label_term(total, terms, batch, displacement, args):
+    """``total + label_weight * (1 - Dice)`` when ``args.label_weight > 0`` and the pair has
+    label maps (logged as ``dice_loss``); ``(total, terms)`` unchanged otherwise."""
+    label_weight = getattr(args, "label_weight", 0.0)
+    if label_weight > 0 and "fixed_labels" in batch:
+        dice = label_dice_term(batch, displacement)
+        total = total + label_weight * dice
+        terms = {**terms, "dice_loss": float(dice.detach())}
+    return total, terms

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 
 from ...core.losses import KLDivergence, LocalNCC
-from ...train.recipe import TrainingRecipe, label_dice_term
+from ...train.recipe import TrainingRecipe, add_label_term
 
 #: the paper's loss weights
 NCC_WEIGHT = 20.0
@@ -36,12 +36,7 @@ def carnet_loss(model, batch, args):
     kl = KLDivergence(PRIOR_LAMBDA)(out.velocity_mean, out.log_var)
     total = NCC_WEIGHT * sim + KL_WEIGHT * getattr(args, "reg_weight", 1.0) * kl
     terms = {"ncc_loss": float(sim.detach()), "kl": float(kl.detach())}
-    label_weight = getattr(args, "label_weight", 0.0)
-    if label_weight > 0 and "fixed_labels" in batch:
-        dice = label_dice_term(batch, out.displacement)
-        total = total + label_weight * dice
-        terms["dice_loss"] = float(dice.detach())
-    return total, terms
+    return add_label_term(total, terms, batch, out.displacement, args)
 
 
 CARNET = TrainingRecipe(

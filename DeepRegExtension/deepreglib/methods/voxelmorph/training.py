@@ -1,7 +1,7 @@
 """How ``deepreg train voxelmorph`` trains the diffeomorphic VoxelMorph."""
 from __future__ import annotations
 
-from ...train.recipe import TrainingRecipe, label_dice_term
+from ...train.recipe import TrainingRecipe, add_label_term
 
 
 def _build_voxelmorph(args):
@@ -16,12 +16,7 @@ def _voxelmorph_loss(model, batch, args):
     reg = GradientSmoothness("l2")(out.displacement)
     total = sim + args.reg_weight * reg
     terms = {"ncc_loss": float(sim.detach()), "grad": float(reg.detach())}
-    label_weight = getattr(args, "label_weight", 0.0)
-    if label_weight > 0 and "fixed_labels" in batch:
-        dice = label_dice_term(batch, out.displacement)
-        total = total + label_weight * dice
-        terms["dice_loss"] = float(dice.detach())
-    return total, terms
+    return add_label_term(total, terms, batch, out.displacement, args)
 
 
 VOXELMORPH = TrainingRecipe(
