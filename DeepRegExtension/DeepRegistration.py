@@ -92,7 +92,7 @@ if _HAS_PARAMETER_WRAPPER:
         method: str = "voxelmorph"
         device: str = DEVICE_AUTO
         refineSteps: Annotated[int, WithinRange(0, 1000)] = 0
-        initialization: str = "none"
+        initialization: str = "auto"
         fixedMask: Union[slicer.vtkMRMLSegmentationNode, slicer.vtkMRMLLabelMapVolumeNode, None]
         movingMask: Union[slicer.vtkMRMLSegmentationNode, slicer.vtkMRMLLabelMapVolumeNode, None]
         fixedLandmarks: slicer.vtkMRMLMarkupsFiducialNode

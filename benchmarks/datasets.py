@@ -162,6 +162,29 @@ def oasis_pair_cases(folder: Path, directions: int = 2, spacing: int = 1) -> Ite
         yield case
 
 
+# -- IXI brains in native scanner geometry ----------------------------------------------------------
+def ixi_muse_cases(folder: Path, pairs: int = 10, seed: int = 2026) -> Iterator[Dict]:
+    """Inter-subject pairs of the ixi_muse **test** split (2 mm T1, skull-stripped, native
+    unaligned scanner geometry, ~145 DLMUSE labels scored over the labels of the fixed map):
+    ``pairs`` distinct subject pairs drawn with ``seed``, each in both directions."""
+    src = SHARED / "ixi_muse"
+    if not (src / "splits.json").is_file():
+        print(f"skipping ixi_muse: {src} is absent", file=sys.stderr)
+        return
+    import itertools
+    import json
+    test = json.loads((src / "splits.json").read_text())["test"]
+    combos = list(itertools.combinations(sorted(test), 2))
+    rng = np.random.default_rng(seed)
+    for i in sorted(rng.choice(len(combos), size=min(pairs, len(combos)), replace=False)):
+        a, b = combos[i]
+        for f, m in ((a, b), (b, a)):
+            yield {"dataset": "ixi_muse", "name": f"ixi_{m}_to_{f}", "note": "2 mm, native geometry",
+                   "fixed": str(src / f"{f}_t1.nii.gz"), "moving": str(src / f"{m}_t1.nii.gz"),
+                   "fixed_labels": str(src / f"{f}_labels.nii.gz"),
+                   "moving_labels": str(src / f"{m}_labels.nii.gz")}
+
+
 # -- prostate MR to transrectal ultrasound ------------------------------------------------------------
 def _channels(path: Path) -> List[np.ndarray]:
     """A one-hot label file (4D, channels last in the file; or 3D: one channel) -> a list of
@@ -285,18 +308,23 @@ def folder_cases(pairs_dir: Path) -> Iterator[Dict]:
 
 
 DATASETS = {"synthetic": synthetic_cases, "brain_aseg": brain_aseg_cases, "oasis_pair": oasis_pair_cases,
-            "prostate_mr_trus": prostate_mr_trus_cases}
+            "prostate_mr_trus": prostate_mr_trus_cases, "ixi_muse": ixi_muse_cases}
 
 #: the --quick selection: one case per set (the central 64x80x64 block of the first synthetic pair),
 #: brains at 2 mm, one OASIS direction, one prostate test pair
 QUICK = {"synthetic": {"count": 1, "crop": (64, 80, 64)}, "brain_aseg": {"count": 1, "spacing": 2},
-         "oasis_pair": {"directions": 1, "spacing": 2}, "prostate_mr_trus": {"train_sample": None}}
+         "oasis_pair": {"directions": 1, "spacing": 2}, "prostate_mr_trus": {"train_sample": None},
+         "ixi_muse": {"pairs": 1}}
 
 
-def build(names: List[str], folder: Path, quick: bool = False, pairs_dir: Optional[str] = None) -> List[Dict]:
+def build(names: List[str], folder: Path, quick: bool = False, pairs_dir: Optional[str] = None,
+          options: Optional[Dict[str, Dict]] = None) -> List[Dict]:
+    """The cases of the named datasets; ``options``: dataset name -> keyword arguments of its
+    case builder (e.g. ``{"ixi_muse": {"pairs": 10}}``), over the ``--quick`` ones."""
     cases: List[Dict] = []
     for name in names:
-        kwargs = QUICK.get(name, {}) if quick else {}
+        kwargs = dict(QUICK.get(name, {})) if quick else {}
+        kwargs.update((options or {}).get(name, {}))
         found = list(DATASETS[name](folder, **kwargs))
         if quick and name == "prostate_mr_trus":
             found = found[:1]

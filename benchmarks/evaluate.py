@@ -64,7 +64,11 @@ from deepreglib.io.images import read_displacement_field, read_landmarks, sitk_t
 from deepreglib.core.jacobian import folding_fraction, jacobian_determinant, std_log_jacobian  # noqa: E402
 from deepreglib.core.metrics import dice_per_label, hd95  # noqa: E402
 from deepreglib.methods.weights import models_dir  # noqa: E402
+from deepreglib.methods.presets import PRESETS  # noqa: E402
 from deepreglib.methods.registry import METHODS  # noqa: E402
+
+#: the preset configurations are listed after this method
+METHOD_OF_PRESETS = "voxelmorph"
 
 #: environment of every child process: the same number of threads for torch, ITK (ANTs,
 #: elastix, SimpleITK) and any OpenMP/BLAS library
@@ -91,6 +95,9 @@ def engine_configs(refine: int, quiet: bool = False) -> Dict[str, dict]:
                 print(f"skipping {name}: its weights {models_dir() / info.weights}.pt are missing", file=sys.stderr)
             continue
         out[name] = {"kind": "engine", "name": name, "refine": 0}
+        if name == METHOD_OF_PRESETS:  # the presets, as a user runs them (QA picture on)
+            for preset in PRESETS:
+                out[f"preset-{preset}"] = {"kind": "engine", "name": None, "preset": preset, "refine": 0, "qa": True}
         # refinement optimises a field: a rigid/affine method's run would ignore it
         if refine > 0 and info.supports_refine and info.kind == "deformable":
             out[f"{name}+refine"] = {"kind": "engine", "name": name, "refine": refine}
@@ -161,6 +168,7 @@ def run_child(spec: dict, folder: Path, threads: int, timeout: Optional[float]) 
     spec_path.write_text(json.dumps(spec))
     env = dict(os.environ)
     env.update({v: str(threads) for v in THREAD_VARIABLES})
+    env.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as the engine's CLI sets it, for every tool alike
     t0 = time.perf_counter()
     try:
         # started in its own folder: whatever a tool writes beside itself stays out of the caller's
@@ -309,6 +317,8 @@ def main(argv=None):
     p.add_argument("--refine", type=int, default=None,
                    help=f"refinement steps of every NAME+refine run, the same for all (default {REFINE_STEPS}, "
                         f"--quick {QUICK_REFINE_STEPS}; 0: no +refine runs)")
+    p.add_argument("--ixi-pairs", type=int, default=None,
+                   help="ixi_muse: this many subject pairs of the test split, each in both directions (default 10)")
     p.add_argument("--device", default="cpu", help="device of the engine methods (peers always run on the CPU)")
     p.add_argument("--threads", type=int, default=2, help="threads of every run, engine and peers alike")
     p.add_argument("--timeout", type=float, default=None,
@@ -359,7 +369,8 @@ def main(argv=None):
     t_start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="deepreg-bench-") as tmp:
         tmp = Path(tmp)
-        cases = build(args.datasets, tmp / "data", quick=args.quick, pairs_dir=args.pairs_dir)
+        cases = build(args.datasets, tmp / "data", quick=args.quick, pairs_dir=args.pairs_dir,
+                      options={"ixi_muse": {"pairs": args.ixi_pairs}} if args.ixi_pairs else None)
         header["cases"] = {c["name"]: {"dataset": c["dataset"], "note": c.get("note", "")} for c in cases}
         for case in cases:
             case_results = []

@@ -69,6 +69,66 @@ def ants_syncc(fixed: str, moving: str, out: Path) -> Path:
     return _ants(fixed, moving, out, "SyNCC")
 
 
+# -- greedy ----------------------------------------------------------------------------------------
+#: greedy's brain MRI settings, from its documentation's tutorial (greedy's README and the
+#: ITK-SNAP "greedy" documentation, "Affine and deformable registration of brain MRI"):
+#: affine ``-a -dof 12 -m NCC 2x2x2 -ia-image-centers -n 100x50x10``, then deformable
+#: ``-m NCC 2x2x2 -it affine.mat -n 100x50x10`` (greedy's default smoothing ``-s 1.732vox 0.7071vox``).
+GREEDY_AFFINE = "-a -dof 12 -m NCC 2x2x2 -ia-image-centers -n 100x50x10"
+GREEDY_DEFORMABLE = "-m NCC 2x2x2 -n 100x50x10"
+
+
+def _greedy_threads() -> str:
+    import os
+    n = os.environ.get("ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS") or os.environ.get("OMP_NUM_THREADS")
+    return f" -threads {int(n)}" if n else ""
+
+
+def greedy_affine(fixed: str, moving: str, out: Path) -> Path:
+    """greedy's documented brain affine (:data:`GREEDY_AFFINE`), through picsl-greedy. greedy's
+    matrix maps fixed to moving points in RAS; the ITK file written here is its LPS form."""
+    from picsl_greedy import Greedy3D
+    mat = out / "greedy_affine.mat"
+    Greedy3D().execute(f"-d 3 -i {fixed} {moving} -o {mat} {GREEDY_AFFINE}{_greedy_threads()}")
+    return _greedy_matrix_to_tfm(mat, out / "greedy_affine.tfm")
+
+
+def _greedy_matrix_to_tfm(mat: Path, path: Path) -> Path:
+    import numpy as np
+    import SimpleITK as sitk
+    ras = np.loadtxt(str(mat))
+    flip = np.diag([-1.0, -1.0, 1.0, 1.0])
+    lps = flip @ ras @ flip
+    t = sitk.AffineTransform(3)
+    t.SetMatrix(tuple(lps[:3, :3].ravel()))
+    t.SetTranslation(tuple(lps[:3, 3]))
+    sitk.WriteTransform(t, str(path))
+    return path
+
+
+def greedy(fixed: str, moving: str, out: Path) -> Path:
+    """greedy's documented brain pipeline: :data:`GREEDY_AFFINE`, then :data:`GREEDY_DEFORMABLE`
+    from it; the result is greedy's own composition of warp and affine (``-rc``) into one
+    displacement field on the fixed grid (ITK LPS mm, what the scorer reads)."""
+    from picsl_greedy import Greedy3D
+    g = Greedy3D()
+    mat, warp, composed = out / "greedy_affine.mat", out / "greedy_warp.nii.gz", out / "greedy_composed.nii.gz"
+    th = _greedy_threads()
+    g.execute(f"-d 3 -i {fixed} {moving} -o {mat} {GREEDY_AFFINE}{th}")
+    g.execute(f"-d 3 -i {fixed} {moving} -it {mat} -o {warp} {GREEDY_DEFORMABLE}{th}")
+    g.execute(f"-d 3 -rf {fixed} -rc {composed} -r {warp} {mat}{th}")
+    return _write_field_sitk(sitk_vector(composed), out / "greedy_field.mha")
+
+
+def sitk_vector(path: Path):
+    import SimpleITK as sitk
+    img = sitk.ReadImage(str(path))
+    if img.GetNumberOfComponentsPerPixel() != 3:  # a 5D NIfTI vector image reads as 4D scalar
+        img = sitk.Compose([sitk.VectorIndexSelectionCast(img, i) for i in range(3)]) \
+            if img.GetNumberOfComponentsPerPixel() > 1 else img
+    return img
+
+
 # -- elastix ----------------------------------------------------------------------------------------
 def elastix_affine_bspline(fixed: str, moving: str, out: Path) -> Path:
     """elastix through itk-elastix: the default ``affine`` parameter map followed by the default
@@ -180,6 +240,8 @@ PEERS: Dict[str, Peer] = {p.name: p for p in (
     Peer("sitk-affine-demons", sitk_affine_demons, None,
          "SimpleITK affine (Mattes MI) + fast symmetric-forces demons (SimpleITK examples' settings)"),
     Peer("sitk-affine", sitk_affine, None, "affine-only baseline: the SimpleITK affine alone"),
+    Peer("greedy", greedy, "picsl-greedy", "greedy (picsl-greedy): its documented brain affine + deformable NCC pipeline"),
+    Peer("greedy-affine", greedy_affine, "picsl-greedy", "greedy's documented brain affine alone"),
     Peer("identity", identity, None, "identity transform (doing nothing)"),
 )}
 

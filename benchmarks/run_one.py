@@ -10,18 +10,24 @@ memory is ``torch.cuda.max_memory_allocated`` of an engine run on CUDA. ``wall_s
 registration call alone (reading the images to writing the transform); ``process_s`` in the
 result of ``evaluate.py`` adds the start-up and imports.
 
-SPEC keys: ``kind`` (``engine`` or ``peer``), ``name`` (method or peer name), ``fixed``,
-``moving``, ``out`` (a new folder), and for engine runs ``refine``, ``device``, ``threads``.
+SPEC keys: ``kind`` (``engine`` or ``peer``), ``name`` (method or peer name; None for a preset),
+``fixed``, ``moving``, ``out`` (a new folder), and for engine runs ``preset``, ``refine``,
+``device``, ``threads``, ``qa`` (presets run as users run them: QA picture drawn).
 Imports are kept inside the branches: a peer's process never imports torch.
 """
 from __future__ import annotations
 
 import json
+import os
 import resource
 import sys
 import time
 import traceback
 from pathlib import Path
+
+# as deepreglib's CLI (main): idle OpenMP threads sleep, set before torch is imported; with
+# spinning threads another busy process made --init auto 25x slower (62 s instead of 2.4 s)
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
 def _peak_rss_mb() -> float:
@@ -40,8 +46,9 @@ def _peak_rss_mb() -> float:
 
 def run_engine(spec: dict) -> dict:
     from deepreglib.run.pipeline import RegisterOptions, register
-    opts = RegisterOptions(fixed=spec["fixed"], moving=spec["moving"], out=spec["out"], method=spec["name"],
-                           device=spec.get("device", "cpu"), refine=int(spec.get("refine", 0)), qa=False,
+    opts = RegisterOptions(fixed=spec["fixed"], moving=spec["moving"], out=spec["out"], method=spec.get("name"),
+                           preset=spec.get("preset"), device=spec.get("device", "cpu"),
+                           refine=int(spec.get("refine", 0)), qa=bool(spec.get("qa", False)),
                            threads=spec.get("threads"), weights=spec.get("weights"))
     t0 = time.perf_counter()
     manifest_path = register(opts)

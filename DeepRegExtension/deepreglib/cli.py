@@ -29,18 +29,25 @@ class _ArgumentParser(argparse.ArgumentParser):
 
 def _register_parser(sub) -> None:
     from .run.initializers import init_choices
-    from .methods.registry import DEFAULT_METHOD, method_names
+    from .methods.presets import PRESETS
+    from .methods.registry import method_names
     p = sub.add_parser("register", help="register a moving image to a fixed image",
                        description="Register MOVING to FIXED and write the warped image, the transform, "
                                    "the Jacobian map, a QA picture and manifest.json to OUT.")
     p.add_argument("--fixed", required=True, help="fixed (reference) image: NIfTI, NRRD, MHA/MHD or a DICOM folder")
     p.add_argument("--moving", required=True, help="moving image, same formats")
-    p.add_argument("--method", default=DEFAULT_METHOD, choices=method_names())
+    p.add_argument("--preset", default=None, choices=tuple(PRESETS),
+                   help="fast | balanced | accurate: a whole recipe (alignment, method, optimisation) with "
+                        "its measured time; default balanced when no --method is given")
+    p.add_argument("--method", default=None, choices=method_names(),
+                   help="the registration method (default: the preset's; see `deepreg methods`)")
     p.add_argument("--out", required=True, help="output folder (must be new or empty)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps")
     p.add_argument("--refine", type=int, default=0, metavar="N",
                    help="N instance-optimisation steps after the network (0: none)")
-    p.add_argument("--init", default="none", choices=init_choices(), help="initial alignment")
+    p.add_argument("--init", default=None, choices=init_choices(),
+                   help="initial alignment; default auto (pose search, rigid then affine, with a quality "
+                        "check) before a deformable method, none before a rigid/affine method")
     p.add_argument("--initial-transform", default=None, help="ITK linear transform file (fixed->moving) to start from")
     p.add_argument("--fixed-mask", default=None)
     p.add_argument("--moving-mask", default=None)
@@ -62,14 +69,15 @@ def _register_parser(sub) -> None:
 def _cmd_register(args, reporter) -> int:
     from .run.pipeline import RegisterOptions, register
     opts = RegisterOptions(
-        fixed=args.fixed, moving=args.moving, out=args.out, method=args.method, device=args.device,
+        fixed=args.fixed, moving=args.moving, out=args.out, method=args.method, preset=args.preset,
+        device=args.device,
         refine=args.refine, init=args.init, initial_transform=args.initial_transform,
         fixed_mask=args.fixed_mask, moving_mask=args.moving_mask, fixed_labels=args.fixed_labels,
         moving_labels=args.moving_labels, fixed_landmarks=args.fixed_landmarks,
         moving_landmarks=args.moving_landmarks, weights=args.weights, qa=not args.no_qa,
         cpu_fallback=not args.no_cpu_fallback, threads=args.threads,
         method_options=parse_method_options(args.method_option))
-    manifest = register(opts, reporter)
+    manifest = register(opts, reporter, cancel=lambda: bool(_CANCEL_REQUESTED))
     reporter.result(str(manifest))
     return EXIT_OK
 
@@ -89,11 +97,21 @@ def parse_method_options(items: List[str]) -> dict:
     return options
 
 
+def _cmd_batch(args, reporter) -> int:
+    from .run.batch import batch_from_args
+    return batch_from_args(args, parse_method_options(args.method_option))
+
+
 def _cmd_methods(args, reporter) -> int:
+    from .methods.presets import PRESETS
     from .methods.registry import METHODS
     if args.json:
         print(json.dumps([m.to_dict() for m in METHODS.values()], indent=2))
         return EXIT_OK
+    for p in PRESETS.values():
+        t = ", ".join(f"{k} {v:g} s" for k, v in p.expected_seconds.items())
+        print(f"--preset {p.name:<10} {p.title}: {p.description}\n{'':<22}measured: {t} ({p.measured})")
+    print()
     for m in METHODS.values():
         t = ", ".join(f"{k} ~{v:g} s" for k, v in m.expected_seconds.items())
         print(f"{m.name:<12} {m.kind:<11} {m.title}\n{'':<24}{m.description}\n{'':<24}"
@@ -150,17 +168,16 @@ def _cmd_example(args, reporter) -> int:
     """Make the bundled example pair (deterministic brain-like phantoms) and register it."""
     from .run.example import write_example_pair
     from .run.pipeline import RegisterOptions, register
-    from .methods.registry import DEFAULT_METHOD
     out = Path(args.out)
     from .run.options import check_output_folder
     check_output_folder(out)
     inputs = out.resolve().parent / f"{out.name}_inputs"
     fixed, moving, fixed_labels, moving_labels = write_example_pair(inputs)
     opts = RegisterOptions(fixed=str(fixed), moving=str(moving), out=str(out),
-                           method=args.method or DEFAULT_METHOD, device=args.device,
+                           method=args.method, preset=args.preset, device=args.device,
                            refine=args.refine, fixed_labels=str(fixed_labels),
                            moving_labels=str(moving_labels))
-    manifest = register(opts, reporter)
+    manifest = register(opts, reporter, cancel=lambda: bool(_CANCEL_REQUESTED))
     reporter.result(str(manifest))
     data = json.loads(Path(manifest).read_text())
     if args.progress != "json":
@@ -177,6 +194,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _ArgumentParser(prog="deepreg", description="Deep-learning 3D image registration (DeepRegExtension engine)")
     sub = parser.add_subparsers(dest="command", parser_class=_ArgumentParser)
     _register_parser(sub)
+    from .run.batch import add_arguments as add_batch_arguments
+    add_batch_arguments(sub.add_parser("batch", help="register a cohort: a table of pairs, or every scan to a "
+                                                      "template; on local processes or a Dask cluster; resumable"))
     pm = sub.add_parser("methods", help="list the registration methods")
     pm.add_argument("--json", action="store_true")
     from .methods.registry import training_recipes
@@ -214,6 +234,7 @@ def build_parser() -> argparse.ArgumentParser:
     pe = sub.add_parser("example", help="register the bundled example pair (brain-like phantoms)")
     pe.add_argument("--out", default="example_out", help="output folder (must be new or empty)")
     pe.add_argument("--method", default=None)
+    pe.add_argument("--preset", default=None, choices=("fast", "balanced", "accurate"))
     pe.add_argument("--device", default="auto")
     pe.add_argument("--refine", type=int, default=0)
     for p in (pt, pr, pm, pd):
@@ -227,9 +248,16 @@ def _make_reporter(kind: str):
     return {"json": JsonReporter, "bar": BarReporter}.get(kind, SilentReporter)()
 
 
+#: set by SIGTERM: the run's cancel callback reads it too, so a CancelledError raised by the
+#: handler where Python discards exceptions (a finalizer, a library's broad ``except``) still
+#: stops the run at its next check
+_CANCEL_REQUESTED = []
+
+
 def _on_sigterm(signum, frame):
     from .core.errors import CancelledError
     signal.signal(signal.SIGTERM, signal.SIG_IGN)  # once: cleanup must not be interrupted again
+    _CANCEL_REQUESTED.append(signum)
     raise CancelledError("cancelled by signal %d" % signum)
 
 
@@ -244,13 +272,15 @@ def main(argv: Optional[List[str]] = None) -> int:
     from .core.errors import BadInputError, CancelledError
     try:
         signal.signal(signal.SIGTERM, _on_sigterm)
+        if hasattr(signal, "SIGXFSZ"):  # a file-size limit makes writes fail (EFBIG), not kill us
+            signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
         parser = build_parser()
         args = parser.parse_args(argv)
         if not args.command:
             parser.print_help()
             return EXIT_BAD_INPUT
         reporter = _make_reporter(getattr(args, "progress", "bar"))
-        handler = {"register": _cmd_register, "methods": _cmd_methods, "train": _cmd_train,
+        handler = {"register": _cmd_register, "batch": _cmd_batch, "methods": _cmd_methods, "train": _cmd_train,
                    "train-cache": _cmd_train_cache,
                    "report": _cmd_report, "example": _cmd_example, "devices": _cmd_devices,
                    "qa": _cmd_qa}[args.command]

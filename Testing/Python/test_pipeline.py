@@ -82,8 +82,8 @@ def test_anisotropic_oblique_inputs_of_different_grids(identity_weights, tmp_pat
     sitk.WriteImage(moving, str(fdir / "m.mha"))
     out = tmp_path / "run"
     manifest = json.loads(register(RegisterOptions(fixed=str(fdir / "f.nrrd"), moving=str(fdir / "m.mha"),
-                                                   out=str(out), weights=str(identity_weights), device="cpu")).read_text())
-    for name in ("warped.nii.gz", "jacobian.nii.gz", "displacement.mha"):
+                                                   out=str(out), weights=str(identity_weights), device="cpu", init="none")).read_text())
+    for name in ("warped.mha", "jacobian.mha", "displacement.mha"):
         img = sitk.ReadImage(str(out / name))
         assert img.GetSize() == fixed.GetSize()
         assert np.allclose(img.GetSpacing(), fixed.GetSpacing()) and np.allclose(img.GetOrigin(), fixed.GetOrigin())
@@ -92,7 +92,7 @@ def test_anisotropic_oblique_inputs_of_different_grids(identity_weights, tmp_pat
     assert inverse.GetSize() == moving.GetSize()
     # identity network: the warped image is the moving image resampled in physical space
     expected = sitk.Resample(moving, fixed, sitk.Transform(), sitk.sitkLinear, 0.0)
-    diff = np.abs(sitk.GetArrayFromImage(sitk.ReadImage(str(out / "warped.nii.gz"))) - sitk.GetArrayFromImage(expected))
+    diff = np.abs(sitk.GetArrayFromImage(sitk.ReadImage(str(out / "warped.mha"))) - sitk.GetArrayFromImage(expected))
     assert np.percentile(diff, 99) < 1e-3
     assert manifest["grids"]["network"]["size"][0] % 16 == 0
 
@@ -116,7 +116,7 @@ def test_init_is_composed_into_one_transform(identity_weights, tmp_path):
     assert np.allclose(u.reshape(-1, 3).mean(0), shift, atol=0.5)
     tfm = sitk.DisplacementFieldTransform(field)
     by_sitk = sitk.GetArrayFromImage(sitk.Resample(moving, fixed, tfm, sitk.sitkLinear, 0.0))
-    ours = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "warped.nii.gz")))
+    ours = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "warped.mha")))
     inner = (slice(6, -6),) * 3
     assert np.abs(by_sitk - ours)[inner].max() < 1e-3
     assert np.abs(ours - sitk.GetArrayFromImage(fixed))[inner].max() < 0.05
@@ -136,7 +136,7 @@ def test_labels_and_landmarks_are_scored(identity_weights, tmp_path):
     register(RegisterOptions(fixed=str(tmp_path / "f.nii.gz"), moving=str(tmp_path / "m.nii.gz"), out=str(out),
                              fixed_labels=str(tmp_path / "fl.nii.gz"), moving_labels=str(tmp_path / "ml.nii.gz"),
                              fixed_landmarks=str(tmp_path / "fp.csv"), moving_landmarks=str(tmp_path / "mp.csv"),
-                             weights=str(identity_weights), device="cpu", qa=False))
+                             weights=str(identity_weights), device="cpu", qa=False, init="none"))
     met = json.loads((out / "manifest.json").read_text())["metrics"]
     assert met["dice_after"]["1"] == pytest.approx(1.0)
     assert met["tre_before_mm"] == pytest.approx(2.0)  # (1 + 3) / 2 mm
@@ -151,7 +151,7 @@ def test_refine_improves_a_deformed_pair(identity_weights, tmp_path):
     sitk.WriteImage(moving, str(tmp_path / "m.nii.gz"))
     out = tmp_path / "run"
     register(RegisterOptions(fixed=str(tmp_path / "f.nii.gz"), moving=str(tmp_path / "m.nii.gz"), out=str(out),
-                             refine=40, weights=str(identity_weights), device="cpu", qa=False))
+                             refine=40, weights=str(identity_weights), device="cpu", qa=False, init="none"))
     met = json.loads((out / "manifest.json").read_text())["metrics"]
     assert met["ncc_after"] > met["ncc_before"] + 0.005
     u = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "displacement.mha")))
@@ -175,7 +175,7 @@ def test_unknown_method_option_is_bad_input(identity_weights, tmp_path):
     with pytest.raises(BadInputError, match="no option"):
         register(RegisterOptions(fixed=str(tmp_path / "f.nii.gz"), moving=str(tmp_path / "f.nii.gz"),
                                  out=str(tmp_path / "run"), weights=str(identity_weights), device="cpu",
-                                 method_options={"window": 3}))
+                                 method_options={"window": 3}, init="none"))
     assert not (tmp_path / "run").exists()
 
 

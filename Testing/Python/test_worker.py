@@ -56,7 +56,8 @@ def events(stdout):
 def test_worker_registers_and_writes_every_output(pair, untrained_weights, tmp_path):
     out = tmp_path / "run"
     proc = run_worker("--fixed", str(pair / "fixed.nii.gz"), "--moving", str(pair / "moving.nii.gz"),
-                      "--out", str(out), "--method", "voxelmorph", "--weights", str(untrained_weights))
+                      "--out", str(out), "--method", "voxelmorph", "--weights", str(untrained_weights),
+                      "--init", "none")  # no alignment: the untrained network alone (identity below)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     evs = events(proc.stdout)
     assert evs[-1] == {"event": "result", "manifest": str(out / "manifest.json")}
@@ -71,7 +72,7 @@ def test_worker_registers_and_writes_every_output(pair, untrained_weights, tmp_p
     assert set(manifest["timings"]) >= {"read", "preprocess", "inference", "postprocess", "write", "total"}
     assert manifest["versions"]["torch"] == torch.__version__
     # the warped volume is on the fixed grid
-    warped = sitk.ReadImage(str(out / "warped.nii.gz"))
+    warped = sitk.ReadImage(str(out / "warped.mha"))
     fixed = sitk.ReadImage(str(pair / "fixed.nii.gz"))
     assert warped.GetSize() == fixed.GetSize() and warped.GetSpacing() == fixed.GetSpacing()
     # an untrained network is the identity: the warped image is the moving image
@@ -116,8 +117,9 @@ def test_bad_input_exits_2_with_a_message(case, pair, untrained_weights, tmp_pat
         moving = _write(tmp_path / "nan.mha", arr)  # NIfTI writing drops NaNs
     elif case == "empty":
         moving = _write(tmp_path / "zeros.nii.gz", np.zeros((16, 16, 16), np.float32))
-    elif case == "no_overlap":
+    elif case == "no_overlap":  # without alignment (--init auto would bring it over)
         moving = _write(tmp_path / "far.nii.gz", sitk.GetArrayFromImage(blob_image()), (1.5,) * 3, (500.0, 0.0, 0.0))
+        extra = ["--init", "none"]
     elif case == "out_not_empty":
         out.mkdir()
         (out / "precious.txt").write_text("keep me")

@@ -21,6 +21,7 @@ from ..core.geometry import Grid
 from ..core.losses import MSE, GlobalNCC, LocalNCC, MINDLoss, MutualInformation
 from ..core.preprocess import normalize_intensity
 from ..core.resample import coordinate_dtype, downsample, resample_to_grid
+from .adam import Adam
 
 ProgressFn = Optional[Callable[[float, str], None]]
 CancelFn = Optional[Callable[[], bool]]
@@ -271,7 +272,7 @@ def affine_register(fixed, fixed_grid: Grid, moving, moving_grid: Grid,
     for index, (factor, steps) in enumerate(zip(levels, iterations)):
         f_level, f_grid = downsample(f, fixed_grid, factor)
         m_level, m_grid = downsample(m, moving_grid, max(1.0, factor * spacing_ratio))
-        optimiser = torch.optim.Adam(model.parameters(), lr=lr / 2 ** index)
+        optimiser = Adam(model.parameters(), lr=lr / 2 ** index)
         label = f"{'rigid' if rigid else 'affine'} level {index + 1}/{len(levels)} (x{factor:g})"
         for step in range(steps):
             _check_cancel(cancel, "affine registration")
@@ -302,6 +303,13 @@ def _moments_init(fixed, fixed_grid, moving, moving_grid, device="cpu", **_):
     return moments_transform(fixed, fixed_grid, moving, moving_grid, device=device)
 
 
+def _auto(fixed, fixed_grid, moving, moving_grid, device="cpu", progress=None, cancel=None,
+          init=None, **options):
+    from .auto import auto_transform  # auto builds on this module
+    return auto_transform(fixed, fixed_grid, moving, moving_grid, device=device, progress=progress,
+                          cancel=cancel, init=init, **options)
+
+
 def _optimised(rigid: bool):
     def run(fixed, fixed_grid, moving, moving_grid, device="cpu", progress=None, cancel=None,
             init=None, **options):
@@ -313,10 +321,13 @@ def _optimised(rigid: bool):
 
 
 #: ``--init`` name -> ``fn(fixed, fixed_grid, moving, moving_grid, device=..., progress=...,
-#: cancel=..., **options) -> 4x4``. ``affine`` and ``rigid`` start from ``init=`` (a 4x4) when
-#: given, else from the centre of mass.
+#: cancel=..., **options) -> 4x4``. ``auto`` (:mod:`deepreglib.classic.auto`, the default: a
+#: search over starting poses, rigid then affine on coarse levels, with a quality check),
+#: ``affine`` and ``rigid`` start from ``init=`` (a 4x4) when given, else from the centre of
+#: mass (``auto``: from its own search).
 #: Learned initialisers are added with :func:`register_initializer`.
 INITIALIZERS: Dict[str, Callable[..., np.ndarray]] = {
+    "auto": _auto,
     "none": _none,
     "center": _center,
     "moments": _moments_init,

@@ -31,6 +31,7 @@ from ..core.geometry import Grid
 from ..core.losses import DiceLoss, GradientSmoothness, one_hot
 from ..core.resample import downsample, downsampled_shape
 from ..core.warp import identity_grid, sample_at, warp
+from .adam import Adam
 
 ProgressFn = Optional[Callable[[float, str], None]]
 CancelFn = Optional[Callable[[], bool]]
@@ -188,7 +189,7 @@ def refine_velocity(fixed: torch.Tensor, moving: torch.Tensor,
     if fixed_points is not None:
         landmarks = _Landmarks(fixed_points, moving_points, shape, coarse, dtype, device)
 
-    optimiser = torch.optim.Adam([v], lr=lr)
+    optimiser = Adam([v], lr=lr)
     for step in range(steps):
         if cancel is not None and cancel():
             raise CancelledError("refinement cancelled")

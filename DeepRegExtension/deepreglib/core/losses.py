@@ -118,6 +118,49 @@ def _box_kernels(window: Tuple[int, int, int], like: torch.Tensor) -> List[Optio
     return [None if w == 1 else like.new_ones(w) for w in window]
 
 
+#: How :func:`local_ncc` takes its window sums: ``"conv"`` (separable convolution, exact to
+#: float32 rounding of one window) or ``"cumsum"`` (running sums, cost independent of the window,
+#: 1.6-2.4x faster on CPU for windows 5-9; its rounding grows with the image length, so use it for
+#: intensities of order 1, e.g. normalised to [0, 1]).
+BOX_FILTERS = ("conv", "cumsum")
+
+
+def box_sum_cumsum(x: torch.Tensor, window: Tuple[int, int, int]) -> torch.Tensor:
+    """Sum of ``x`` ``(N, C, D, H, W)`` over a box window at every voxel, windows cut at the
+    border (as ``_separable_filter(..., padded=True)``: a window of even length reaches one
+    voxel further forward than back), by running sums along each axis."""
+    for axis, w in enumerate(window):
+        n = x.shape[2 + axis]
+        w = min(w, n)
+        if w == 1:
+            continue
+        dim = 2 + axis
+        back, forward = (w - 1) // 2, w // 2
+        c = torch.cumsum(x, dim)  # c[i] = x[0] + ... + x[i]
+        # window sum at i = c[min(i + forward, n - 1)] - c[i - back - 1] (0 before the start)
+        upper = c.narrow(dim, forward, n - forward)
+        if forward:
+            size = list(c.shape)
+            size[dim] = forward
+            upper = torch.cat([upper, c.narrow(dim, n - 1, 1).expand(size)], dim)
+        lower = c.narrow(dim, 0, n - back - 1)
+        lower = torch.cat([torch.zeros_like(c.narrow(dim, 0, back + 1)), lower], dim)
+        x = upper - lower
+    return x
+
+
+def _box_counts(shape: Sequence[int], window: Tuple[int, int, int], like: torch.Tensor) -> torch.Tensor:
+    """Voxels inside the image in each cut window, ``(1, 1, D, H, W)`` (a product of 1D counts)."""
+    out = like.new_ones((1, 1, 1, 1, 1))
+    for axis, (n, w) in enumerate(zip(shape, window)):
+        i = torch.arange(n, dtype=like.dtype, device=like.device)
+        c = torch.clamp(i + w // 2, max=n - 1) - torch.clamp(i - (w - 1) // 2, min=0) + 1
+        view = [1, 1, 1, 1, 1]
+        view[2 + axis] = n
+        out = out * c.view(view)
+    return out
+
+
 # -- normalised cross-correlation ----------------------------------------------------------------
 def ncc(a: torch.Tensor, b: torch.Tensor, mask: Optional[torch.Tensor] = None,
         eps: float = 1e-10) -> torch.Tensor:
@@ -145,7 +188,7 @@ def ncc(a: torch.Tensor, b: torch.Tensor, mask: Optional[torch.Tensor] = None,
 
 
 def local_ncc(a: torch.Tensor, b: torch.Tensor, window: Window = 9,
-              eps: float = 1e-5) -> torch.Tensor:
+              eps: float = 1e-5, box: str = "conv") -> torch.Tensor:
     """Local normalised cross-correlation map (signed, not squared as in VoxelMorph).
 
     At every voxel, over a box window centred on it: ``cov / sqrt((var_a + eps)(var_b + eps))``.
@@ -158,18 +201,25 @@ def local_ncc(a: torch.Tensor, b: torch.Tensor, window: Window = 9,
         eps: local variance floor in squared intensity units (1e-5 suits intensities in
             ``[0, 1]``; it costs ``eps / var`` of the value in textured regions and makes flat
             regions score 0 instead of nan).
+        box: ``"conv"`` or ``"cumsum"`` (:data:`BOX_FILTERS`): how window sums are taken.
     Returns ``(N, 1, D, H, W)`` in ``[-1, 1]``; 1 where ``b`` is locally ``s * a + t``, ``s > 0``.
     """
     _check_pair(a, b)
+    if box not in BOX_FILTERS:
+        raise ValueError(f"box must be one of {BOX_FILTERS}, got {box!r}")
     channels = a.shape[1]
     win = _window3(window, a.shape[2:])
     # NCC ignores intensity offsets; removing the global mean first keeps E[x^2] - E[x]^2 from
     # cancelling catastrophically for large intensities (CT) in float32.
     a = a - a.mean(dim=(2, 3, 4), keepdim=True)
     b = b - b.mean(dim=(2, 3, 4), keepdim=True)
-    kernels = _box_kernels(win, a)
-    sums = _separable_filter(torch.cat([a, b, a * a, b * b, a * b], dim=1), kernels, padded=True)
-    count = _separable_filter(a.new_ones((1, 1) + tuple(a.shape[2:])), kernels, padded=True)
+    stack = torch.cat([a, b, a * a, b * b, a * b], dim=1)
+    if box == "cumsum":
+        sums, count = box_sum_cumsum(stack, win), _box_counts(a.shape[2:], win, a)
+    else:
+        kernels = _box_kernels(win, a)
+        sums = _separable_filter(stack, kernels, padded=True)
+        count = _separable_filter(a.new_ones((1, 1) + tuple(a.shape[2:])), kernels, padded=True)
     mean_a, mean_b, mean_aa, mean_bb, mean_ab = (sums / count).split(channels, dim=1)
     var_a = (mean_aa - mean_a * mean_a).clamp_min(0.0)
     var_b = (mean_bb - mean_b * mean_b).clamp_min(0.0)
@@ -197,17 +247,71 @@ class LocalNCC(nn.Module):
     """``1 - mean local NCC`` (over voxels, or over ``mask``). Minimise; 0 for identical images,
     range ``[0, 2]``. See :func:`local_ncc` for ``window`` and ``eps``."""
 
-    def __init__(self, window: Window = 9, eps: float = 1e-5, reduction: str = "mean"):
+    def __init__(self, window: Window = 9, eps: float = 1e-5, reduction: str = "mean",
+                 box: str = "conv"):
         super().__init__()
         _window3(window, (10 ** 9,) * 3)  # validate now, clamp per call
+        if box not in BOX_FILTERS:
+            raise ValueError(f"box must be one of {BOX_FILTERS}, got {box!r}")
         self.window = window
         self.eps = float(eps)
         self.reduction = _check_reduction(reduction)
+        self.box = box
 
     def forward(self, a: torch.Tensor, b: torch.Tensor,
                 mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        r = local_ncc(a, b, self.window, self.eps)
+        r = local_ncc(a, b, self.window, self.eps, self.box)
         return _reduce(1.0 - _mean_per_item(r, _mask_weights(mask, r)), self.reduction)
+
+
+class LocalNCCToFixed(nn.Module):
+    """``1 - mean local NCC`` of moving images against one ``fixed`` image ``(1, C, D, H, W)``,
+    the same number as :class:`LocalNCC` (``box="cumsum"``), with the fixed image's window
+    statistics computed once: an optimiser that compares many warped images with one fixed image
+    pays for three running-sum channels per call instead of five.
+
+    ``min_std``: when > 0, the mean is taken only over voxels whose fixed window has a standard
+    deviation above it (in intensity units): flat regions (the background of a skull-stripped
+    brain) score about 0 whatever the warp, and without them the loss is a mean over the
+    structure, comparable between images with different amounts of background. The variance
+    floor ``eps`` still weights strong edges above weak ones (which helps on real scans), and it
+    still leaves a small bias: a warped copy of *higher* contrast than the fixed image scores
+    slightly better than the exact match (``r -> sqrt(var_b / (var_b + eps))`` as the warped
+    contrast grows, against ``var_b / (var_b + eps)`` for the match; 7e-4 of loss on the test
+    phantom, with or without ``min_std``)."""
+
+    def __init__(self, fixed: torch.Tensor, window: Window = 9, eps: float = 1e-5,
+                 min_std: float = 0.0):
+        super().__init__()
+        _check_image(fixed, "fixed")
+        self.window = _window3(window, fixed.shape[2:])
+        self.eps = float(eps)
+        b = (fixed - fixed.mean(dim=(2, 3, 4), keepdim=True)).detach()
+        self.count = _box_counts(fixed.shape[2:], self.window, b)
+        sums = box_sum_cumsum(torch.cat([b, b * b], dim=1), self.window) / self.count
+        mean_b, mean_bb = sums.split(fixed.shape[1], dim=1)
+        var_b = (mean_bb - mean_b * mean_b).clamp_min(0.0)
+        self.textured = (var_b > float(min_std) ** 2) if min_std > 0 else None
+        self.b, self.mean_b = b, mean_b
+        self.inv_std_b = torch.rsqrt(var_b + self.eps)
+
+    def forward(self, a: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``a`` ``(1, C, D, H, W)`` like the fixed image; ``mask`` (bool or weights): the mean
+        is taken over it."""
+        if a.shape != self.b.shape:
+            raise ValueError(f"moving image {tuple(a.shape)} must match the fixed {tuple(self.b.shape)}")
+        a = a - a.mean(dim=(2, 3, 4), keepdim=True)
+        c = a.shape[1]
+        sums = box_sum_cumsum(torch.cat([a, a * a, a * self.b], dim=1), self.window) / self.count
+        mean_a, mean_aa, mean_ab = sums.split(c, dim=1)
+        var_a = (mean_aa - mean_a * mean_a).clamp_min(0.0)
+        r = (mean_ab - mean_a * self.mean_b) * torch.rsqrt(var_a + self.eps) * self.inv_std_b
+        r = r.clamp(-1.0, 1.0)
+        if self.textured is not None:
+            mask = self.textured if mask is None else (mask.bool() & self.textured)
+        if mask is None:
+            return 1.0 - r.mean()
+        return 1.0 - _mean_per_item(r, _mask_weights(mask, r))[0]
 
 
 class MSE(nn.Module):

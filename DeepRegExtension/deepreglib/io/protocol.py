@@ -57,7 +57,7 @@ JACOBIAN_WINDOW = (0.0, 2.0)
 #: the initial alignments the worker always has: ``(label, --init value)``; learned ones come
 #: from the methods' specs (:func:`deepreglib.methods.registry.learned_initializers`, also torch-free)
 CLASSIC_INIT_CHOICES: Tuple[Tuple[str, str], ...] = (
-    ("None", "none"), ("Centre of mass", "center"), ("Moments", "moments"), ("Rigid", "rigid"),
+    ("Automatic (recommended)", "auto"), ("None", "none"), ("Centre of mass", "center"), ("Moments", "moments"), ("Rigid", "rigid"),
     ("Affine", "affine"))
 
 

@@ -36,6 +36,7 @@ def build_manifest(opts: RegisterOptions, info, inputs: Inputs, inference: Infer
         "status": "done",
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "method": opts.method,
+        "preset": opts.preset,
         "method_info": info.to_dict(),
         "inputs": {k: str(Path(v).resolve()) for k, v in asdict(opts).items() if k in _INPUT_KEYS and v},
         "grids": {"fixed": P.grid_entry(inputs.fixed_grid), "moving": P.grid_entry(inputs.moving_grid),
@@ -45,6 +46,7 @@ def build_manifest(opts: RegisterOptions, info, inputs: Inputs, inference: Infer
         "device": str(device),
         "weights": {"path": inference.method.weights_path, "sha256": inference.method.weights_sha256},
         "matrix_lps": fx.matrix.tolist(),
+        "alignment": session.details.get("alignment"),
         "outputs": outputs,
         "metrics": metrics,
         "method_outputs": inference.result.info,
@@ -63,6 +65,10 @@ def qa_numbers(manifest: dict) -> dict:
     m["method"] = manifest["method"]
     m["device"] = manifest["device"]
     m["time_s"] = round(manifest["timings"]["total"], 2)
+    alignment = manifest.get("alignment")
+    if alignment:
+        m["alignment"] = f"{'POOR, check it' if alignment['quality'] == 'poor' else 'ok'} " \
+                         f"(LNCC {alignment['local_ncc']:.2f})"
     return m
 
 

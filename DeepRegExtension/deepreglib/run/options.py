@@ -2,7 +2,7 @@
 checks made before any work: the device and the output folder."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Dict, Optional
 
@@ -11,6 +11,7 @@ import torch
 from ..core.errors import BadInputError
 from ..io.exchange import check_output_folder  # noqa: F401 (part of the run's checks)
 from ..io.protocol import CLASSIC_INIT_CHOICES
+from ..methods.presets import preset_defaults
 from .initializers import init_choices
 
 
@@ -21,10 +22,16 @@ class RegisterOptions:
     fixed: str
     moving: str
     out: str
-    method: str = "voxelmorph"
+    #: None: the preset's method (see :func:`apply_preset`)
+    method: Optional[str] = None
+    #: ``fast``, ``balanced`` or ``accurate`` (:mod:`deepreglib.methods.presets`); None: balanced
+    #: when no method is named, else none
+    preset: Optional[str] = None
     device: str = "auto"
     refine: int = 0
-    init: str = "none"
+    #: None: ``auto`` before a deformable method, ``none`` before a rigid/affine one (which is
+    #: itself the alignment); see :func:`apply_preset`
+    init: Optional[str] = None
     initial_transform: Optional[str] = None
     fixed_mask: Optional[str] = None
     moving_mask: Optional[str] = None
@@ -39,9 +46,34 @@ class RegisterOptions:
     threads: Optional[int] = None
 
 
+def apply_preset(opts: RegisterOptions) -> RegisterOptions:
+    """``opts`` with the preset's method and method options filled in where not given
+    (:func:`deepreglib.methods.presets.preset_defaults`), and the default ``--init``: ``auto``
+    before a deformable method, ``none`` before a rigid or affine method. Returns a new object.
+    ``--weights`` with neither a method nor a preset names weights of the default network method
+    (:data:`~deepreglib.methods.registry.DEFAULT_METHOD`), which then runs without a preset."""
+    if opts.weights and not opts.method and not opts.preset:
+        from ..methods.registry import DEFAULT_METHOD
+        opts = replace(opts, method=DEFAULT_METHOD)
+    preset = preset_defaults(opts.preset, opts.method)
+    if preset is None:
+        if opts.init is None:
+            from ..methods.registry import get_method_info
+            kind = get_method_info(opts.method).kind if opts.method else "deformable"
+            return replace(opts, init="auto" if kind == "deformable" else "none")
+        return opts
+    method = opts.method or preset.method
+    options = dict(preset.method_options) if method == preset.method else {}
+    options.update(opts.method_options)
+    return replace(opts, method=method, method_options=options, preset=preset.name,
+                   init=opts.init or preset.init)
+
+
 def check_options(opts: RegisterOptions) -> None:
     """Refuse options no run can use (BadInputError), before anything is read."""
     classic = [value for _label, value in CLASSIC_INIT_CHOICES]
+    if opts.init is None:
+        opts = apply_preset(opts)
     if opts.init not in classic and opts.init not in init_choices():
         raise BadInputError(f"--init must be one of {', '.join(init_choices())}, got {opts.init!r}")
     if opts.refine < 0:

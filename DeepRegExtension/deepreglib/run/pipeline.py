@@ -23,7 +23,7 @@ from ..methods.registry import get_method_info
 from .align import align
 from .infer import infer
 from .load import load
-from .options import RegisterOptions, check_options, resolve_device
+from .options import RegisterOptions, apply_preset, check_options, resolve_device
 from .scores import scores
 from .session import Session
 from .to_fixed_grid import to_fixed_grid
@@ -39,6 +39,7 @@ def register(opts: RegisterOptions, reporter: Optional[Reporter] = None,
     completed (outputs are written to a temporary folder and renamed at the end).
     """
     session = Session(reporter, cancel)
+    opts = apply_preset(opts)
     info = get_method_info(opts.method)
     check_options(opts)
     device = resolve_device(opts.device)

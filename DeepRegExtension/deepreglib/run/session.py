@@ -19,6 +19,8 @@ class Session:
         self.cancel = cancel
         self.timings: Dict[str, float] = {}
         self.messages: List[str] = []
+        #: sections a stage adds to the manifest (e.g. ``alignment``)
+        self.details: Dict[str, object] = {}
         self.started = time.perf_counter()
 
     @contextmanager
