@@ -43,11 +43,15 @@ except ImportError:
 
 from DeepRegistrationLib.standins import resource_path as _resource_path  # noqa: E402
 from DeepRegistrationLib import scene as dscene  # noqa: E402
-from DeepRegistrationLib.process import (BackgroundRun, WorkerProcess, default_python,  # noqa: E402
-                                         initialization_choices, parse_method_options, register_command,
-                                         temp_root, worker_command, worker_environment)
+from DeepRegistrationLib.process import (PRESET_CUSTOM, BackgroundRun, WorkerProcess,  # noqa: E402
+                                         default_python, format_method_options, initialization_choices,
+                                         parse_method_options, register_command, temp_root,
+                                         worker_command, worker_environment)
+from deepreglib.methods.presets import DEFAULT_PRESET, PRESETS  # noqa: E402 (plain data, torch-free)
 
 DEVICE_AUTO, DEVICE_CPU = "auto", "cpu"
+#: What the preset list shows last: run the Advanced section's method, alignment and options.
+PRESET_CUSTOM_TITLE = "Custom (advanced options below)"
 
 
 def resource_path(relative: str) -> str:
@@ -65,8 +69,9 @@ class DeepRegistration(ScriptedLoadableModule):
         self.parent.dependencies = []
         self.parent.contributors = ["DeepRegExtension developers"]
         self.parent.helpText = (
-            "Register a moving volume to a fixed volume with a deep-learning method (VoxelMorph, "
-            "attention-based variants) or a weight-free iterative method. The registration runs "
+            "Register a moving volume to a fixed volume. Pick a preset (Fast, Balanced, Accurate: "
+            "each with its measured time), or Custom to choose a deep-learning method (VoxelMorph, "
+            "attention-based variants) or a weight-free one under Advanced. The registration runs "
             "in a separate process: Slicer stays responsive and Cancel stops it at once. Results: "
             "warped volume, transform (grid or linear, with inverse), Jacobian map and the "
             "method's attention maps. See the DeformationQA module to judge the result.")
@@ -85,21 +90,28 @@ if _HAS_PARAMETER_WRAPPER:
     class DeepRegistrationParameterNode:
         """Everything a run needs; saved with the scene. Optional nodes are ``None`` until
         chosen (a union of node types must list ``None``: Slicer's wrapper writes every default
-        when the node is created)."""
+        when the node is created).
+
+        ``preset``: a :data:`deepreglib.methods.presets.PRESETS` name or ``"custom"``. Under a
+        preset, ``method``, ``initialization``, ``refineSteps`` and ``methodOptions`` hold the
+        preset's values (shown in the Advanced section); when one no longer matches
+        it, the run is a custom one (:meth:`DeepRegistrationLogic.effectivePreset`). The
+        defaults are the default preset's values, so a new node is that preset."""
 
         fixedVolume: slicer.vtkMRMLScalarVolumeNode
         movingVolume: slicer.vtkMRMLScalarVolumeNode
-        method: str = "voxelmorph"
+        preset: str = DEFAULT_PRESET
+        method: str = PRESETS[DEFAULT_PRESET].method
         device: str = DEVICE_AUTO
         refineSteps: Annotated[int, WithinRange(0, 1000)] = 0
-        initialization: str = "auto"
+        initialization: str = PRESETS[DEFAULT_PRESET].init
         fixedMask: Union[slicer.vtkMRMLSegmentationNode, slicer.vtkMRMLLabelMapVolumeNode, None]
         movingMask: Union[slicer.vtkMRMLSegmentationNode, slicer.vtkMRMLLabelMapVolumeNode, None]
         fixedLandmarks: slicer.vtkMRMLMarkupsFiducialNode
         movingLandmarks: slicer.vtkMRMLMarkupsFiducialNode
         initialTransform: slicer.vtkMRMLLinearTransformNode
         queryPoint: slicer.vtkMRMLMarkupsFiducialNode
-        methodOptions: str = ""
+        methodOptions: str = format_method_options(PRESETS[DEFAULT_PRESET].method_options)
         outputVolume: slicer.vtkMRMLScalarVolumeNode
         outputTransform: slicer.vtkMRMLTransformNode
         createJacobian: bool = True
@@ -124,6 +136,8 @@ class DeepRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._run = None
         self._devicesQuery = None
         self._overlays = []
+        self._applyingPreset = False  # onPresetSelected writes several fields: no custom switch meanwhile
+        self._customReason = ""  # why the preset went to Custom by itself (shown under the list)
 
     def setup(self) -> None:
         ScriptedLoadableModuleWidget.setup(self)
@@ -132,18 +146,12 @@ class DeepRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui = slicer.util.childWidgetVariables(uiWidget)
         uiWidget.setMRMLScene(slicer.mrmlScene)
         self.logic = DeepRegistrationLogic()
-
-        for info in self.logic.methods():
-            self.ui.methodComboBox.addItem(info.title, info.name)
-        self.ui.deviceComboBox.addItem("Auto (GPU if available)", DEVICE_AUTO)
-        self.ui.deviceComboBox.addItem("CPU", DEVICE_CPU)
-        models = os.environ.get("DEEPREG_MODELS") or resource_path("Models")
-        for label, value in initialization_choices(models):
-            self.ui.initializationComboBox.addItem(label, value)
+        self._fillChoices()
 
         # the overlay list shows the method maps of runs, not every volume of the scene
         self.ui.overlaySelector.addAttribute("vtkMRMLScalarVolumeNode", dscene.OVERLAY_ATTRIBUTE, "true")
 
+        self.ui.presetComboBox.currentIndexChanged.connect(self.onPresetSelected)
         self.ui.methodComboBox.currentIndexChanged.connect(self.onMethodSelected)
         self.ui.deviceComboBox.currentIndexChanged.connect(self.onDeviceSelected)
         self.ui.initializationComboBox.currentIndexChanged.connect(self.onInitializationSelected)
@@ -159,6 +167,19 @@ class DeepRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
         self.initializeParameterNode()
+
+    def _fillChoices(self) -> None:
+        """The lists' items, each with its value as item data (what the parameter node holds):
+        the presets (registry order) and Custom, the methods, the devices, the alignments."""
+        for title, name in self.logic.presetChoices():
+            self.ui.presetComboBox.addItem(title, name)
+        for info in self.logic.methods():
+            self.ui.methodComboBox.addItem(info.title, info.name)
+        self.ui.deviceComboBox.addItem("Auto (GPU if available)", DEVICE_AUTO)
+        self.ui.deviceComboBox.addItem("CPU", DEVICE_CPU)
+        models = os.environ.get("DEEPREG_MODELS") or resource_path("Models")
+        for label, value in initialization_choices(models):
+            self.ui.initializationComboBox.addItem(label, value)
 
     def cleanup(self) -> None:
         if self._run is not None:  # the module is closing: stop the worker, drop its files
@@ -226,24 +247,73 @@ class DeepRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.outputsCollapsibleButton.enabled = not running
         if p is None:
             return
+        if not self._applyingPreset and p.preset != PRESET_CUSTOM:
+            changed = self.logic.presetDifference(p.preset, p.method, p.initialization, p.refineSteps,
+                                                  p.methodOptions)
+            if changed:  # an Advanced option was edited (or a scene from before presets was loaded)
+                self._customReason = (f"Preset switched to Custom: {', '.join(changed)} changed from the "
+                                      f"{self.logic.presetTitle(p.preset)} preset."
+                                      if self.logic.presetInfo(p.preset) is not None else
+                                      f"Preset switched to Custom: the saved preset {p.preset!r} is not known here.")
+                self.ui.statusLabel.text = self._customReason
+                p.preset = PRESET_CUSTOM  # (observed: a nested _updateGUI shows it; this one goes on)
         if self.ui.deviceComboBox.findData(p.device) < 0 and p.device:
             # a device saved with the scene (e.g. cuda:1) before "Detect GPUs" listed it
             self.ui.deviceComboBox.addItem(p.device, p.device)
-        for combo, value in ((self.ui.methodComboBox, p.method), (self.ui.deviceComboBox, p.device),
+        for combo, value in ((self.ui.presetComboBox, p.preset), (self.ui.methodComboBox, p.method),
+                             (self.ui.deviceComboBox, p.device),
                              (self.ui.initializationComboBox, p.initialization)):
             index = combo.findData(value)
             if index >= 0 and combo.currentIndex != index:
                 combo.blockSignals(True)  # showing the node's value must not write it back
                 combo.setCurrentIndex(index)
                 combo.blockSignals(False)
+        preset = self.logic.presetInfo(p.preset)
+        if preset is not None:
+            self._customReason = ""
+            self.ui.presetDescriptionLabel.text = self.logic.presetSummary(preset)
+            self.ui.advancedCollapsibleButton.text = "Advanced (the preset's settings; changing one selects Custom)"
+        else:
+            self.ui.presetDescriptionLabel.text = "\n".join(
+                t for t in (self._customReason, "Custom: the method, initial alignment, refinement steps "
+                            "and method options under Advanced are used as they are.") if t)
+            self.ui.advancedCollapsibleButton.text = "Advanced (custom)"
         info = self.logic.methodInfo(p.method)
         if info is not None:
             self.ui.methodDescriptionLabel.text = self.logic.methodSummary(info)
             self.ui.refineStepsSpinBox.enabled = info.supports_refine
 
+    def onPresetSelected(self, index) -> None:
+        """A preset writes its values into the Advanced section's fields (they show what runs);
+        Custom keeps the current values as the starting point and opens the Advanced section."""
+        p = self._parameterNode
+        if p is None or index < 0:
+            return
+        name = self.ui.presetComboBox.itemData(index)
+        if name == p.preset:
+            return
+        self._applyingPreset = True
+        try:
+            if name != PRESET_CUSTOM:
+                for field, value in self.logic.presetValues(name).items():
+                    if getattr(p, field) != value:
+                        setattr(p, field, value)
+            p.preset = name
+        finally:
+            self._applyingPreset = False
+        self._customReason = ""
+        if name == PRESET_CUSTOM:
+            self.ui.advancedCollapsibleButton.collapsed = False
+        self._updateGUI()
+
     def onMethodSelected(self, index) -> None:
-        if self._parameterNode and index >= 0:
-            self._parameterNode.method = self.ui.methodComboBox.itemData(index)
+        p = self._parameterNode
+        if p and index >= 0:
+            method, old = self.ui.methodComboBox.itemData(index), p.method
+            presets_options = bool(p.methodOptions) and p.methodOptions in self.logic.presetOptionTexts(old)
+            p.method = method
+            if method != old and presets_options:
+                p.methodOptions = ""  # a preset's options belong to its method (as in the engine)
 
     def onDeviceSelected(self, index) -> None:
         if self._parameterNode and index >= 0:
@@ -435,6 +505,78 @@ class DeepRegistrationLogic(ScriptedLoadableModuleLogic):
             lines.append("Needs no trained network.")
         return "\n".join(lines)
 
+    # -- presets (deepreglib.methods.presets: plain data, torch-free) -----------------------------
+    @staticmethod
+    def presets():
+        return list(PRESETS.values())
+
+    @staticmethod
+    def presetChoices() -> list:
+        """``(title, value)`` for the preset list: every registry preset in its order, then Custom."""
+        return [(pr.title, pr.name) for pr in PRESETS.values()] + [(PRESET_CUSTOM_TITLE, PRESET_CUSTOM)]
+
+    @staticmethod
+    def presetInfo(name: str):
+        """The registry's ``Preset`` called ``name``; ``None`` for ``"custom"`` or an unknown name."""
+        return PRESETS.get(name)
+
+    @staticmethod
+    def presetTitle(name: str) -> str:
+        preset = PRESETS.get(name)
+        return preset.title if preset is not None else repr(name)
+
+    @staticmethod
+    def presetSummary(preset) -> str:
+        """What the preset list shows under it: the description and the registry's measured
+        time per device kind, with the results file it was measured on."""
+        names = {"cpu": "a CPU", "cuda": "a GPU (CUDA)", "mps": "an Apple GPU"}
+        times = ", ".join(f"about {v:g} s on {names.get(k, k)}" for k, v in preset.expected_seconds.items())
+        if times and preset.measured:
+            times += f", measured: {preset.measured}"
+        return preset.description + (f"\nExpected time: {times}." if times else "")
+
+    @staticmethod
+    def presetValues(name: str) -> dict:
+        """The parameter-node fields a preset sets: its method, alignment and method options,
+        no extra refinement steps."""
+        preset = PRESETS[name]
+        return {"method": preset.method, "initialization": preset.init, "refineSteps": 0,
+                "methodOptions": format_method_options(preset.method_options)}
+
+    @staticmethod
+    def presetOptionTexts(method: str) -> set:
+        """The method-option texts that the presets running ``method`` write (a preset's options
+        belong to its method: another method starts without them, as in the engine)."""
+        return {format_method_options(pr.method_options) for pr in PRESETS.values()
+                if pr.method == method and pr.method_options}
+
+    @staticmethod
+    def presetDifference(name: str, method: str, initialization: str, refineSteps: int,
+                         methodOptions: str) -> list:
+        """What in these Advanced values differs from preset ``name``, in the Advanced section's
+        words (``["method", "refinement steps"]``); empty: they are that preset's. An unknown
+        ``name`` differs in everything: ``["preset"]``."""
+        if name not in PRESETS:
+            return ["preset"]
+        wanted = DeepRegistrationLogic.presetValues(name)
+        changed = [label for field, label, value in (
+            ("method", "method", method), ("initialization", "initial alignment", initialization),
+            ("refineSteps", "refinement steps", int(refineSteps or 0))) if value != wanted[field]]
+        try:
+            same_options = parse_method_options(methodOptions) == parse_method_options(wanted["methodOptions"])
+        except ValueError:
+            same_options = False
+        return changed + ([] if same_options else ["method options"])
+
+    @staticmethod
+    def effectivePreset(p) -> str:
+        """The preset a parameter node runs: its ``preset`` while the Advanced values are that
+        preset's, else ``"custom"`` (what runs is what the Advanced section shows)."""
+        if p.preset == PRESET_CUSTOM or DeepRegistrationLogic.presetDifference(
+                p.preset, p.method, p.initialization, p.refineSteps, p.methodOptions):
+            return PRESET_CUSTOM
+        return p.preset
+
     @staticmethod
     def startDevicesQuery(python: Optional[str] = None) -> WorkerProcess:
         """Ask the worker for the devices (``deepreg devices --json``) in the background."""
@@ -475,8 +617,14 @@ class DeepRegistrationLogic(ScriptedLoadableModuleLogic):
               outputTransform=None, createWarped: bool = True, createJacobian: bool = True,
               createInverse: bool = True, showMethodOutputs: bool = True,
               keepTemporaryFiles: bool = False, queryPoint=None, methodOptions: str = "",
-              python: Optional[str] = None) -> RegistrationRun:
+              python: Optional[str] = None, preset: Optional[str] = None) -> RegistrationRun:
         """Write the inputs and start the worker; returns at once with a :class:`RegistrationRun`.
+
+        ``preset``: ``"fast"``, ``"balanced"`` or ``"accurate"`` (``deepreglib.methods.presets``)
+        runs that recipe (``--preset NAME``): it chooses the method, the initial alignment and
+        the method's options, so ``method``, ``initialization``, ``refineSteps``,
+        ``methodOptions`` and ``queryPoint`` are not used (a note says so for a query point).
+        ``None`` or ``"custom"``: ``method`` with these options, as before presets.
 
         ``queryPoint``: a point list whose first point is the fixed-image point whose attention
         or similarity map the method draws (CAR-Net, D-Net, SAME: method option
@@ -490,7 +638,16 @@ class DeepRegistrationLogic(ScriptedLoadableModuleLogic):
             raise ValueError("choose a fixed and a moving volume")
         if fixedVolume == movingVolume:
             raise ValueError("the fixed and moving volumes are the same node; choose two volumes")
-        if self.methodInfo(method) is None:
+        notes = []
+        if preset and preset != PRESET_CUSTOM:
+            if self.presetInfo(preset) is None:
+                raise ValueError(f"unknown preset {preset!r}; one of {', '.join(PRESETS)} or {PRESET_CUSTOM!r}")
+            method, refineSteps, methodOptions = self.presetInfo(preset).method, 0, ""
+            if queryPoint is not None:
+                notes.append(f"the {self.presetTitle(preset)} preset draws no attention map: the query "
+                             "point is used by CAR-Net, D-Net and SAME (choose Custom)")
+                queryPoint = None
+        elif self.methodInfo(method) is None:
             raise ValueError(f"unknown method {method!r}")
         dscene.check_output_nodes(fixedVolume, movingVolume, outputVolume, outputTransform,
                                   other_inputs=(fixedMask, movingMask, fixedLandmarks, movingLandmarks,
@@ -508,7 +665,7 @@ class DeepRegistrationLogic(ScriptedLoadableModuleLogic):
                                    os.path.join(temp_dir, "out"), method, python=python or default_python(),
                                    device=device, refine=refineSteps, init=initialization,
                                    options=inputs.options(), flags=("no-qa",),
-                                   method_options=method_options)
+                                   method_options=method_options, preset=preset)
             worker = WorkerProcess(cmd, env=self.workerEnvironment(), cwd=temp_dir).start()
         except Exception:
             shutil.rmtree(temp_dir, ignore_errors=True)
@@ -516,9 +673,10 @@ class DeepRegistrationLogic(ScriptedLoadableModuleLogic):
         choices = dscene.OutputChoices(warped_volume=outputVolume, transform=outputTransform,
                                        create_warped=createWarped, create_jacobian=createJacobian,
                                        create_inverse=createInverse, create_method_outputs=showMethodOutputs)
-        logging.info("DeepRegistration: started %s (pid %s) in %s", method, worker.pid, temp_dir)
+        logging.info("DeepRegistration: started %s (pid %s) in %s",
+                     f"preset {preset}" if preset and preset != PRESET_CUSTOM else method, worker.pid, temp_dir)
         return RegistrationRun(worker, temp_dir, fixedVolume, movingVolume, choices, keepTemporaryFiles,
-                               inputs.messages)
+                               list(inputs.messages) + notes)
 
     def run(self, fixedVolume, movingVolume, timeout: Optional[float] = None, **kwargs):
         """Blocking version of :meth:`start` (console, scripts, self-tests). Returns the
@@ -529,9 +687,10 @@ class DeepRegistrationLogic(ScriptedLoadableModuleLogic):
     def runFromParameterNode(self, p) -> RegistrationRun:
         """The widget's adapter: the parameter node's values as :meth:`start` keywords. No
         warped-volume node chosen: the moving volume is placed under the transform instead
-        (SlicerElastix's behaviour)."""
+        (SlicerElastix's behaviour). The preset is :meth:`effectivePreset`: a node whose Advanced
+        values were changed (also from the console) runs them as a custom run."""
         return self.start(
-            p.fixedVolume, p.movingVolume, method=p.method, device=p.device, refineSteps=p.refineSteps,
+            p.fixedVolume, p.movingVolume, preset=self.effectivePreset(p), method=p.method, device=p.device, refineSteps=p.refineSteps,
             initialization=p.initialization, fixedMask=p.fixedMask, movingMask=p.movingMask,
             fixedLandmarks=p.fixedLandmarks, movingLandmarks=p.movingLandmarks,
             initialTransform=p.initialTransform, outputVolume=p.outputVolume,

@@ -97,16 +97,32 @@ def parse_method_options(text: str) -> Dict[str, str]:
     return options
 
 
+def format_method_options(options: Optional[Dict[str, object]]) -> str:
+    """The inverse of :func:`parse_method_options`: ``{"schedule": "balanced", "seed": 3}`` ->
+    ``"schedule=balanced; seed=3"`` (strings as they are, other values as JSON)."""
+    return "; ".join(f"{k}={v if isinstance(v, str) else json.dumps(v)}" for k, v in (options or {}).items())
+
+
+#: The preset choice that means "no preset: the method, alignment and options as given".
+PRESET_CUSTOM = "custom"
+
+
 def register_command(fixed: str, moving: str, out: str, method: str, python: Optional[str] = None,
                      device: str = "auto", refine: int = 0, init: str = "none",
                      options: Optional[Dict[str, Optional[str]]] = None,
                      flags: Sequence[str] = (),
-                     method_options: Optional[Dict[str, object]] = None) -> List[str]:
+                     method_options: Optional[Dict[str, object]] = None,
+                     preset: Optional[str] = None) -> List[str]:
     """The worker's command line.
 
     Args:
         fixed, moving, out: paths (``out`` must be new or empty; the worker checks).
-        method: a :data:`deepreglib.methods.registry.METHODS` name.
+        method: a :data:`deepreglib.methods.registry.METHODS` name; not used with a ``preset``.
+        preset: a :data:`deepreglib.methods.presets.PRESETS` name: ``--preset NAME`` and neither
+            ``--method`` nor ``--init`` (the preset chooses alignment, method and its options);
+            ``refine`` and ``method_options`` are passed only when given (the worker adds them
+            to the preset's). ``None`` or :data:`PRESET_CUSTOM`: ``--method``, ``--init`` and
+            ``--refine`` as given (the behaviour before presets).
         options: more ``--name value`` pairs by CLI name without dashes, e.g.
             ``{"fixed-mask": path, "moving-landmarks": path, "initial-transform": path}``;
             ``None`` values are left out.
@@ -117,8 +133,15 @@ def register_command(fixed: str, moving: str, out: str, method: str, python: Opt
     if int(refine) < 0:
         raise ValueError(f"refine must be >= 0, got {refine}")
     cmd = [python or default_python(), "-m", "deepreglib", "register", "--fixed", str(fixed),
-           "--moving", str(moving), "--out", str(out), "--method", str(method), "--device",
-           str(device), "--refine", str(int(refine)), "--init", str(init), "--progress", "json"]
+           "--moving", str(moving), "--out", str(out)]
+    if preset and preset != PRESET_CUSTOM:
+        cmd += ["--preset", str(preset), "--device", str(device)]
+        if int(refine):
+            cmd += ["--refine", str(int(refine))]
+        cmd += ["--progress", "json"]
+    else:
+        cmd += ["--method", str(method), "--device", str(device), "--refine", str(int(refine)),
+                "--init", str(init), "--progress", "json"]
     for name, value in (options or {}).items():
         if value is not None and value != "":
             cmd += [f"--{name}", str(value)]

@@ -280,7 +280,7 @@ def test_pipeline_writes_the_maps_on_the_fixed_grid(tmp_path, monkeypatch):
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["method_outputs"]["scales"] == [1, 2, 4, 8]
     for name in VOLUMES:
-        img = sitk.ReadImage(str(out / f"{name}.nii.gz"))
+        img = sitk.ReadImage(str(out / f"{name}.mha"))
         assert img.GetSize() == fixed.GetSize()
         assert np.allclose(img.GetSpacing(), fixed.GetSpacing()) and np.allclose(img.GetOrigin(), fixed.GetOrigin())
         assert np.allclose(img.GetDirection(), fixed.GetDirection(), atol=1e-6)

@@ -245,7 +245,7 @@ def test_pipeline_writes_the_maps_on_the_fixed_grid(tmp_path, monkeypatch):
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["method_outputs"]["uncertainty_samples"] == 8
     for name in ("attention_fixed", "attention_moving", "uncertainty_mm"):
-        img = sitk.ReadImage(str(out / f"{name}.nii.gz"))
+        img = sitk.ReadImage(str(out / f"{name}.mha"))
         assert img.GetSize() == fixed.GetSize()
         assert np.allclose(img.GetSpacing(), fixed.GetSpacing()) and np.allclose(img.GetOrigin(), fixed.GetOrigin())
         assert np.allclose(img.GetDirection(), fixed.GetDirection(), atol=1e-6)

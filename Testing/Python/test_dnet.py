@@ -243,7 +243,7 @@ def test_dnet_method_recovers_a_pinned_pose_through_the_pipeline(tmp_path, monke
     written = io.read_linear_transform(tmp_path / "out" / "transform.tfm")
     assert np.allclose(written, m_true, atol=1e-3)
     assert manifest["method_outputs"]["rotation_deg"] == pytest.approx(math.degrees(1.3), abs=1e-3)
-    warped, _ = io.image_to_tensor(io.read_image(str(tmp_path / "out" / "warped.nii.gz")))
+    warped, _ = io.image_to_tensor(io.read_image(str(tmp_path / "out" / "warped.mha")))
     src = moving_grid.physical_to_index(pts_f @ m_true[:3, :3].T + m_true[:3, 3])
     in_view = torch.as_tensor(np.all((src >= 0) & (src <= np.asarray(moving_grid.shape) - 1), axis=-1))[None, None]
     assert int(in_view.sum()) > 1000
@@ -251,7 +251,7 @@ def test_dnet_method_recovers_a_pinned_pose_through_the_pipeline(tmp_path, monke
     assert float(err.max()) < 0.08 and float(err.mean()) < 0.01  # trilinear error of the blob only
     direct = resample_to_grid(moving_t, moving_grid, fixed_grid, m_true)
     assert float((warped - direct).abs().max()) < 1e-3
-    att_img = io.read_image(str(tmp_path / "out" / "mutual_attention.nii.gz"))
+    att_img = io.read_image(str(tmp_path / "out" / "mutual_attention.mha"))
     att, att_grid = io.image_to_tensor(att_img)
     assert att_grid.shape == fixed_grid.shape and np.allclose(att_grid.direction, fixed_grid.direction)
     assert 0.0 <= float(att.min()) and float(att.max()) <= 1.0 + 1e-6

@@ -22,7 +22,7 @@ _counter = itertools.count()
 VALUES = {
     "DeepRegistration": {
         "fixedVolume": "vtkMRMLScalarVolumeNode", "movingVolume": "vtkMRMLScalarVolumeNode",
-        "method": "carnet", "device": "cuda:1", "refineSteps": 50, "initialization": "affine",
+        "preset": "custom", "method": "carnet", "device": "cuda:1", "refineSteps": 50, "initialization": "affine",
         "fixedMask": "vtkMRMLSegmentationNode", "movingMask": "vtkMRMLLabelMapVolumeNode",
         "fixedLandmarks": "vtkMRMLMarkupsFiducialNode", "movingLandmarks": "vtkMRMLMarkupsFiducialNode",
         "initialTransform": "vtkMRMLLinearTransformNode", "queryPoint": "vtkMRMLMarkupsFiducialNode",
@@ -41,7 +41,10 @@ VALUES = {
 }
 DEFAULTS = {
     "DeepRegistration": {"device": "auto", "refineSteps": 0, "createJacobian": True,
-                         "overlayOpacity": 0.5, "keepTemporaryFiles": False},
+                         "overlayOpacity": 0.5, "keepTemporaryFiles": False,
+                         # a new node is the default preset, its values in the Advanced fields
+                         "preset": "balanced", "initialization": "auto", "method": "instance",
+                         "methodOptions": "schedule=balanced"},
     "DeformationQA": {"includeScreenshot": True},
 }
 PARAMETER_CLASS = {"DeepRegistration": "DeepRegistrationParameterNode",
@@ -105,6 +108,25 @@ def test_parameter_node_built_by_slicers_wrapper(release, module_name, tmp_path)
                 assert got is not None and got.GetID() == value.GetID() and got.GetScene() is reloaded, name
             else:
                 assert got == value, name
+
+
+@pytest.mark.parametrize("release", slicer_layer.RELEASES)
+def test_new_node_is_the_registrys_default_preset(release):
+    """The defaults above are the registry's: ``DEFAULT_PRESET`` and its alignment, method and
+    options, so a new node runs that preset (it is not turned into Custom on first sight)."""
+    if not slicer_layer.available(release):
+        pytest.skip(f"Slicer's Python layer {release} is not in {slicer_layer.SHARED_SLICER}")
+    from deepreglib.methods.presets import DEFAULT_PRESET, PRESETS
+    with slicer_layer.slicer_python_layer(release):
+        module = slicer_layer.load_module_file("DeepRegistration", f"DeepRegistration_preset_{next(_counter)}")
+        scene = slicer.vtkMRMLScene()
+        p = module.DeepRegistrationParameterNode(scene.AddNewNodeByClass("vtkMRMLScriptedModuleNode"))
+        assert p.preset == DEFAULT_PRESET == "balanced"
+        assert p.initialization == PRESETS[DEFAULT_PRESET].init == "auto"
+        assert p.method == PRESETS[DEFAULT_PRESET].method
+        assert module.DeepRegistrationLogic.effectivePreset(p) == DEFAULT_PRESET
+        p.refineSteps = 20  # an Advanced value of its own: the run is a custom one
+        assert module.DeepRegistrationLogic.effectivePreset(p) == "custom"
 
 
 @pytest.mark.parametrize("release", slicer_layer.RELEASES)

@@ -465,7 +465,7 @@ def vtk_to_np3(m):
 def test_an_unreadable_output_leaves_no_half_loaded_result(run, tmp_path):
     folder = tmp_path / "broken"
     shutil.copytree(run["manifest"]["_folder"], folder)
-    (folder / "jacobian.nii.gz").write_bytes(b"not an image")
+    (folder / "jacobian.mha").write_bytes(b"not an image")
     scene = run["scene"]
     n_nodes = scene.GetNumberOfNodes()
     chosen = run["results"].nodes["warped"]  # a chosen output node stays (it was there before)

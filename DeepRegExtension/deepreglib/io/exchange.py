@@ -93,22 +93,112 @@ def check_output_folder(out: PathLike) -> None:
         raise BadInputError(f"cannot write into {parent}; choose an output folder you can write to")
 
 
+#: name of the lock file inside a staging folder (held while a run owns the folder)
+_LOCK_NAME = ".deepreg-lock"
+
+
+def _try_lock(fd: int) -> bool:
+    """An exclusive, non-blocking OS lock on the open file ``fd``; the OS drops it when the
+    process ends in any way (SIGKILL included), so a folder whose lock can be taken belongs to
+    no running process. Modules imported here, not at the top: POSIX or Windows only.
+
+    On a system with neither ``fcntl`` nor ``msvcrt`` there is no such lock: the claim is
+    granted (a run must not fail for it) and two concurrent runs to one ``--out`` are then told
+    apart only by the final rename, which still never writes over a winner's files."""
+    try:
+        import fcntl
+    except ImportError:
+        fcntl = None
+    if fcntl is not None:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except OSError:
+            return False
+    try:
+        import msvcrt  # Windows
+    except ImportError:
+        return True
+    try:
+        msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
+        return True
+    except OSError:
+        return False
+
+
+def _claim(tmp: Path, out: Path) -> int:
+    """Make ``tmp`` this process's staging folder and return the descriptor of its held lock.
+
+    The claim is the lock on ``tmp/.deepreg-lock``: ``os.mkdir`` either creates the folder or
+    finds one; whoever then holds the lock owns it. A folder found unlocked is what a killed run
+    left (its contents are removed and it is reused); a locked one belongs to a live run.
+
+    Raises:
+        BadInputError: another run is writing to ``out``.
+    """
+    try:
+        tmp.mkdir()
+    except FileExistsError:
+        pass
+    fd = os.open(str(tmp / _LOCK_NAME), os.O_RDWR | os.O_CREAT, 0o644)
+    if not _try_lock(fd):
+        os.close(fd)
+        raise BadInputError(f"another deepreg run is writing to {out} (its temporary folder {tmp} "
+                            "is in use); wait for it to finish or choose another --out")
+    for leftover in tmp.iterdir():  # a killed run's partial files, or nothing
+        if leftover.name != _LOCK_NAME:
+            shutil.rmtree(str(leftover), ignore_errors=True) if leftover.is_dir() else leftover.unlink()
+    return fd
+
+
 @contextlib.contextmanager
 def staged_folder(out: PathLike) -> Iterator[Path]:
-    """Yield a fresh hidden folder beside ``out`` (checked new or empty before); when the block
-    succeeds it is renamed to ``out``, otherwise removed: a cancelled or crashed command never
-    leaves a half-written result under the final name."""
+    """Yield a hidden folder ``.NAME.partial`` beside ``out``, claimed by this process (a lock
+    the OS releases even on SIGKILL); when the block succeeds it is renamed to ``out``,
+    otherwise removed: a cancelled or crashed command never leaves a half-written result under
+    the final name, a killed one leaves only that folder, which the next run to ``out`` reuses.
+
+    Exactly one of several runs to the same ``out`` writes it: a second run finds the folder
+    locked (BadInputError, exit 2), and the rename itself only succeeds onto a missing or empty
+    ``out`` (checked new or empty before the work started), so a winner's files are never
+    touched.
+    """
     out = Path(out).resolve()
-    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
-    shutil.rmtree(str(tmp), ignore_errors=True)
-    tmp.mkdir(parents=True)
+    tmp = out.parent / f".{out.name}.partial"
+    fd = _claim(tmp, out)
+    renamed = False
     try:
+        if out.exists() and (not out.is_dir() or any(out.iterdir())):
+            raise BadInputError(f"output folder {out} already exists and is not empty; choose a new "
+                                "folder (results are never written over existing files)")
         yield tmp
-        if out.exists():
-            out.rmdir()  # checked empty before the work started
-        os.rename(str(tmp), str(out))
+        if os.name == "nt":  # Windows renames no folder holding an open file, nor onto a folder
+            os.close(fd)
+            fd = None
+            if out.exists():
+                out.rmdir()  # empty: checked above
+        try:
+            os.rename(str(tmp), str(out))  # POSIX: atomic, and fails onto a non-empty folder
+        except OSError:
+            if out.exists() and any(p.name != _LOCK_NAME for p in out.iterdir()):
+                raise BadInputError(f"output folder {out} was written by another run meanwhile; "
+                                    "this run's results were discarded") from None
+            raise
+        renamed = True
     finally:
-        shutil.rmtree(str(tmp), ignore_errors=True)
+        if renamed:
+            with contextlib.suppress(OSError):
+                (out / _LOCK_NAME).unlink()
+        else:
+            for leftover in (tmp.iterdir() if tmp.is_dir() else ()):
+                if leftover.name != _LOCK_NAME:
+                    shutil.rmtree(str(leftover), ignore_errors=True) if leftover.is_dir() else leftover.unlink()
+            with contextlib.suppress(OSError):
+                (tmp / _LOCK_NAME).unlink()
+            with contextlib.suppress(OSError):
+                tmp.rmdir()
+        if fd is not None:
+            os.close(fd)
 
 
 def write_image(img, path: PathLike) -> Path:

@@ -84,7 +84,7 @@ def validate_image(img: sitk.Image, name: str = "image",
 
     Raises:
         BadInputError: 2D, 4D with several time points/channels, vector or complex voxels, a single
-            slice, bad spacing/direction, NaN or infinite voxels, or (unless ``allow_constant``)
+            slice, bad spacing/direction, NaN or infinite voxels (:class:`NonFiniteVoxelsError`), or (unless ``allow_constant``)
             a volume whose voxels all have the same value. The message says what and how to fix it.
     """
     if not isinstance(img, sitk.Image):
@@ -125,12 +125,10 @@ def validate_image(img: sitk.Image, name: str = "image",
                             "(spacing must be positive, direction a rotation).") from None
     arr = sitk.GetArrayViewFromImage(img)
     if np.issubdtype(arr.dtype, np.floating):
-        finite = np.isfinite(arr)
-        if not finite.all():
-            bad = int(arr.size - np.count_nonzero(finite))
-            raise BadInputError(
-                f"{name} contains {bad} NaN or infinite voxel(s) of {arr.size}; replace them (e.g. "
-                "with 0 or the background value) in the software that produced the image.")
+        per_slice = np.array([arr.shape[1] * arr.shape[2] - np.count_nonzero(np.isfinite(a))
+                              for a in arr], dtype=np.int64)  # slice by slice: no full-size mask
+        if per_slice.any():
+            raise NonFiniteVoxelsError(name, per_slice, arr.size, arr.shape[1] * arr.shape[2])
     if not allow_constant:
         lo, hi = arr.min(), arr.max()
         if lo == hi:
@@ -174,13 +172,9 @@ def _read_dicom_series(folder: Path, containing: Optional[Path] = None) -> sitk.
                             f"({_first_line(e)}). Check that the series is complete.") from None
 
 
-def _nifti_lengths(path: Path) -> Optional[Tuple[int, int]]:
-    """(bytes a single-file NIfTI needs: header, extensions and voxels; bytes it has), or None
-    when the file is not a single-file NIfTI-1/2 this can parse.
-
-    ITK's NIfTI reader fills a truncated file with zeros without complaint (other formats fail
-    loudly), so an interrupted copy would silently become a partly black volume.
-    """
+def _nifti_header(path: Path) -> Optional[dict]:
+    """The fields of a single-file NIfTI-1/2 header this module needs (``order`` "<" or ">",
+    ``dims``, ``bitpix``, ``datatype``, ``offset``, ``gz``), or None when it cannot parse one."""
     gz = path.name.lower().endswith(".gz")
     try:
         with (gzip.open(str(path), "rb") if gz else open(str(path), "rb")) as f:
@@ -192,12 +186,14 @@ def _nifti_lengths(path: Path) -> Optional[Tuple[int, int]]:
             if header[344:347] != b"n+1":
                 return None
             dims = struct.unpack(order + "8h", header[40:56])
+            datatype = struct.unpack(order + "h", header[70:72])[0]
             bitpix = struct.unpack(order + "h", header[72:74])[0]
             offset = int(struct.unpack(order + "f", header[108:112])[0])
             break
         if len(header) >= 540 and struct.unpack(order + "i", header[:4])[0] == 540:
             if header[4:7] != b"n+2":
                 return None
+            datatype = struct.unpack(order + "h", header[12:14])[0]
             bitpix = struct.unpack(order + "h", header[14:16])[0]
             dims = struct.unpack(order + "8q", header[16:80])
             offset = struct.unpack(order + "q", header[168:176])[0]
@@ -206,6 +202,21 @@ def _nifti_lengths(path: Path) -> Optional[Tuple[int, int]]:
         return None
     if not 1 <= dims[0] <= 7 or bitpix <= 0:
         return None
+    return {"order": order, "dims": dims, "bitpix": bitpix, "datatype": datatype, "offset": offset,
+            "gz": gz}
+
+
+def _nifti_lengths(path: Path) -> Optional[Tuple[int, int]]:
+    """(bytes a single-file NIfTI needs: header, extensions and voxels; bytes it has), or None
+    when the file is not a single-file NIfTI-1/2 this can parse.
+
+    ITK's NIfTI reader fills a truncated file with zeros without complaint (other formats fail
+    loudly), so an interrupted copy would silently become a partly black volume.
+    """
+    h = _nifti_header(path)
+    if h is None:
+        return None
+    gz, dims, bitpix, offset = h["gz"], h["dims"], h["bitpix"], h["offset"]
     needed = offset + int(np.prod([max(d, 1) for d in dims[1:dims[0] + 1]])) * bitpix // 8
     if not gz:
         return needed, path.stat().st_size
@@ -238,7 +249,90 @@ def _read_single_file(path: Path) -> sitk.Image:
             raise BadInputError(f"'{path}' is truncated: it needs {lengths[0]} bytes of header "
                                 f"and voxel data but holds {lengths[1]}. The file is incomplete "
                                 "(an interrupted copy or export); copy or export it again.")
+        per_slice = _nifti_non_finite_per_slice(path)
+        if per_slice is not None and per_slice.any():
+            raise NonFiniteVoxelsError(f"image '{path.name}'", per_slice, int(np.prod(img.GetSize())))
     return img
+
+
+#: NIfTI ``datatype`` codes of real floating-point voxels -> numpy type (the only ones with NaN)
+_NIFTI_FLOAT_TYPES = {16: "f4", 64: "f8"}
+
+
+def _nifti_non_finite_per_slice(path: Path, chunk_bytes: int = 1 << 24) -> Optional[np.ndarray]:
+    """Count NaN and infinite voxels of a float NIfTI per slice (last axis), from the file's
+    own bytes; None for other files. ITK 5's NIfTI reader replaces every non-finite voxel by 0
+    while reading (``nifti_read_buffer``; fixed only in ITK 6), so the image SimpleITK returns
+    cannot tell a NaN from a real 0: the raw data are scanned once more, in chunks."""
+    h = _nifti_header(path)
+    if h is None or h["datatype"] not in _NIFTI_FLOAT_TYPES or h["dims"][0] < 3:
+        return None
+    dtype = np.dtype(h["order"] + _NIFTI_FLOAT_TYPES[h["datatype"]])
+    dims = [max(int(d), 1) for d in h["dims"][1:h["dims"][0] + 1]]
+    slice_voxels = dims[0] * dims[1]
+    counts = np.zeros(int(np.prod(dims[2:])), dtype=np.int64)  # z (and any 4th axis) slices
+    step = max(dtype.itemsize, chunk_bytes // dtype.itemsize * dtype.itemsize)
+    done = 0
+    with (gzip.open(str(path), "rb") if h["gz"] else open(str(path), "rb")) as f:
+        f.seek(h["offset"])
+        while done < counts.size * slice_voxels:
+            data = f.read(step)
+            if len(data) < dtype.itemsize:
+                break
+            values = np.frombuffer(data[: len(data) // dtype.itemsize * dtype.itemsize], dtype=dtype)
+            bad = np.flatnonzero(~np.isfinite(values))
+            if bad.size:
+                np.add.at(counts, np.minimum((bad + done) // slice_voxels, counts.size - 1), 1)
+            done += values.size
+    return counts
+
+
+class NonFiniteVoxelsError(BadInputError):
+    """An image holds NaN or infinite voxels (refused: exit 2). ``per_slice``: the count per
+    slice of the last (z) axis."""
+
+    def __init__(self, name: str, per_slice: np.ndarray, total: int, slice_voxels: Optional[int] = None):
+        self.name, self.per_slice, self.total = name, np.asarray(per_slice), int(total)
+        self.count = int(self.per_slice.sum())
+        slice_voxels = slice_voxels or max(1, self.total // max(1, self.per_slice.size))
+        super().__init__(non_finite_message(name, self.per_slice, self.total, slice_voxels))
+
+
+def non_finite_message(name: str, per_slice: np.ndarray, total: int, slice_voxels: int) -> str:
+    """What is wrong and how to fix it, for NaN/infinite voxels (count, percent, whole slices)."""
+    count = int(per_slice.sum())
+    text = (f"{name} has {count} NaN or infinite voxel(s) of {total} "
+            f"({100.0 * count / max(total, 1):.3g} %)")
+    whole = np.flatnonzero(per_slice >= slice_voxels)
+    if whole.size:
+        text += f"; whole slice(s) z = {_ranges(whole)} are non-finite"
+        rest = count - int(per_slice[whole].sum())
+        if rest:
+            text += f" (and {rest} voxel(s) in other slices)"
+    elif count:
+        text += f", in slice(s) z = {_ranges(np.flatnonzero(per_slice))}"
+    return (text + ". Registration needs finite intensities: replace them by 0 or the background "
+            "value (SimpleITK: a = sitk.GetArrayFromImage(img); a[~np.isfinite(a)] = 0; in 3D "
+            "Slicer's Python console: a = slicer.util.arrayFromVolume(node); a[~np.isfinite(a)] = 0;"
+            " slicer.util.arrayFromVolumeModified(node)) and save the volume again; where the "
+            "replaced region is not anatomy, also give a mask (--fixed-mask/--moving-mask).")
+
+
+def _ranges(indices: np.ndarray, limit: int = 6) -> str:
+    """``[0 1 2 5 7 8]`` -> ``"0-2, 5, 7-8"`` (at most ``limit`` runs, then "...")."""
+    runs: List[str] = []
+    start = prev = None
+    for i in (int(x) for x in indices):
+        if start is None:
+            start = prev = i
+        elif i == prev + 1:
+            prev = i
+        else:
+            runs.append(f"{start}" if start == prev else f"{start}-{prev}")
+            start = prev = i
+    if start is not None:
+        runs.append(f"{start}" if start == prev else f"{start}-{prev}")
+    return ", ".join(runs[:limit]) + (", ..." if len(runs) > limit else "")
 
 
 def _read_any_image(path: PathLike) -> sitk.Image:
@@ -255,6 +349,21 @@ def _read_any_image(path: PathLike) -> sitk.Image:
         # One file of a DICOM series is one slice: read the whole series it belongs to.
         return _read_dicom_series(p.parent, containing=p)
     return _read_single_file(p)
+
+
+def image_size(path: PathLike) -> Optional[Tuple[int, ...]]:
+    """The voxel size ``(x, y, z[, ...])`` a file's header declares, read without its voxels;
+    None for folders (DICOM), missing or unreadable files (reading them says what is wrong)."""
+    p = Path(path)
+    if not p.is_file():
+        return None
+    try:
+        reader = sitk.ImageFileReader()
+        reader.SetFileName(str(p))
+        reader.ReadImageInformation()
+        return tuple(int(n) for n in reader.GetSize())
+    except RuntimeError:
+        return None
 
 
 def read_image(path: PathLike) -> sitk.Image:
@@ -349,6 +458,87 @@ def write_image(img: sitk.Image, path: PathLike) -> Path:
     except exchange.FileFormatError as e:
         raise BadInputError(str(e)) from None
 
+
+
+# -- streamed writing -------------------------------------------------------------------------------
+#: numpy dtype -> MetaImage ElementType
+_MET_TYPES = {np.dtype("float32"): "MET_FLOAT", np.dtype("float64"): "MET_DOUBLE",
+              np.dtype("int16"): "MET_SHORT", np.dtype("uint16"): "MET_USHORT",
+              np.dtype("int8"): "MET_CHAR", np.dtype("uint8"): "MET_UCHAR",
+              np.dtype("int32"): "MET_INT", np.dtype("uint32"): "MET_UINT"}
+
+
+def _metaimage_header(grid: Grid, dtype: np.dtype, components: int) -> bytes:
+    """The header of an uncompressed single-file MetaImage (``.mha``) as ITK writes it: sizes
+    and spacing in (x, y, z) order; ``TransformMatrix`` is the direction matrix column by column
+    (ITK's MetaImageIO writes it transposed with respect to SimpleITK's row-major direction)."""
+    d = np.asarray(grid.direction, dtype=np.float64).reshape(3, 3)
+    num = lambda values: " ".join(repr(float(v)) for v in values)  # noqa: E731 (17 digits)
+    lines = ["ObjectType = Image", "NDims = 3", "BinaryData = True", "BinaryDataByteOrderMSB = False",
+             "CompressedData = False", f"TransformMatrix = {num(d.T.ravel())}", f"Offset = {num(grid.origin)}",
+             "CenterOfRotation = 0 0 0", f"ElementSpacing = {num(grid.spacing)}",
+             "DimSize = " + " ".join(str(int(n)) for n in reversed(grid.shape))]
+    if components > 1:
+        lines.append(f"ElementNumberOfChannels = {components}")
+    lines += [f"ElementType = {_MET_TYPES[np.dtype(dtype)]}", "ElementDataFile = LOCAL"]
+    return ("\n".join(lines) + "\n").encode("ascii")
+
+
+class SlabImageWriter:
+    """Writes one image on ``grid`` slab by slab (consecutive slices of the slowest axis ``k``,
+    in order) to an uncompressed MetaImage, never holding the whole volume. Use as a context
+    manager: the file is written under a temporary name and moved into place only when every
+    slice arrived (:func:`exchange.atomic_output`); an error or a missing slab leaves nothing.
+
+    ``write(slab)`` takes ``(n, H, W)`` (scalar) or ``(n, H, W, C)`` (``C = components``) numpy
+    arrays, or tensors ``(1, 1, n, H, W)`` / ``(1, C, n, H, W)``; values are cast to ``dtype``
+    (integers: rounded and clipped to the type's range)."""
+
+    def __init__(self, path: PathLike, grid: Grid, dtype=np.float32, components: int = 1):
+        if not str(path).lower().endswith(".mha"):
+            raise ValueError(f"slab writing makes MetaImage files (.mha), not '{path}'")
+        self.path, self.grid, self.dtype, self.components = Path(path), grid, np.dtype(dtype), int(components)
+        self.rows = 0
+        self._atomic = self._file = None
+
+    def __enter__(self) -> "SlabImageWriter":
+        self._atomic = _atomic_output(self.path)
+        tmp = self._atomic.__enter__()
+        self._file = open(str(tmp), "wb")
+        self._file.write(_metaimage_header(self.grid, self.dtype, self.components))
+        return self
+
+    def write(self, slab) -> None:
+        a = _slab_array(slab, self.components)
+        if tuple(a.shape[1:3]) != tuple(self.grid.shape[1:]) or self.rows + a.shape[0] > self.grid.shape[0]:
+            raise ValueError(f"slab {tuple(a.shape)} does not fit rows {self.rows}.. of {self.grid.shape}")
+        if np.issubdtype(self.dtype, np.integer) and np.issubdtype(a.dtype, np.floating):
+            info = np.iinfo(self.dtype)
+            a = np.clip(np.rint(a), info.min, info.max)
+        self._file.write(np.ascontiguousarray(a, dtype=self.dtype.newbyteorder("<")).tobytes())
+        self.rows += a.shape[0]
+
+    def __exit__(self, kind, value, tb):
+        self._file.close()
+        if kind is None and self.rows != self.grid.shape[0]:
+            error = ValueError(f"'{self.path.name}': {self.rows} of {self.grid.shape[0]} slices written")
+            self._atomic.__exit__(ValueError, error, None)  # removes the temporary file
+            raise error
+        return self._atomic.__exit__(kind, value, tb)  # moves the file into place, or removes it
+
+
+def _slab_array(slab, components: int) -> np.ndarray:
+    if isinstance(slab, torch.Tensor):
+        t = slab.detach().cpu()
+        if t.ndim == 5:
+            t = t[0].permute(1, 2, 3, 0) if components > 1 else t[0, 0]
+        slab = t.numpy()
+    a = np.asarray(slab)
+    if components > 1 and (a.ndim != 4 or a.shape[3] != components):
+        raise ValueError(f"expected (n, H, W, {components}), got {a.shape}")
+    if components == 1 and a.ndim != 3:
+        raise ValueError(f"expected (n, H, W), got {a.shape}")
+    return a
 
 
 # -- displacement fields ---------------------------------------------------------------------------

@@ -6,10 +6,13 @@ the JSON has been verified.
 """
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
 import tempfile
+import time
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Callable, Dict, Optional, Tuple, Union
 
@@ -87,6 +90,47 @@ def read_model_card(path: Union[str, Path]) -> Dict[str, Any]:
     return json.loads(js.read_text())
 
 
+#: weights read from disk in this process, by path (a long-lived worker, ``deepreg batch``'s, reads
+#: each file once: :func:`read_weights_cached`)
+WEIGHT_FILE_READS: Dict[str, int] = {}
+#: state dicts and cards of the files read, keyed by path, verify and the modification time and
+#: size of both files (``.pt`` and ``.json``); a few entries only (a shipped network is 1-2 MB)
+_WEIGHTS_CACHE: "OrderedDict[tuple, Tuple[Dict[str, torch.Tensor], Dict[str, Any]]]" = OrderedDict()
+_WEIGHTS_CACHE_SIZE = 8
+#: seconds since a file's last change before it is cached
+_SETTLED_S = 2.0
+
+
+def read_weights_cached(path: Union[str, Path], verify: bool = True
+                        ) -> Tuple[Dict[str, torch.Tensor], Dict[str, Any]]:
+    """:func:`read_weights`, read (and checksummed) once per process while the file is unchanged
+    (same path, modification time and size, of both files; a file changed less than
+    :data:`_SETTLED_S` ago is read every time): the second registration in a long-lived
+    process takes the weights from memory. Returns a new dict over the cached (CPU) tensors
+    and a copy of the card; ``load_state_dict`` copies the tensors, so callers never share
+    parameters."""
+    path = Path(path).with_suffix(".pt")
+    try:
+        st, card_st = path.stat(), path.with_suffix(".json").stat()
+    except OSError:
+        return read_weights(path, verify)  # the missing-file error
+    key = (str(path.resolve()), st.st_mtime_ns, st.st_size, card_st.st_mtime_ns, card_st.st_size,
+           bool(verify))
+    hit = _WEIGHTS_CACHE.get(key)
+    if hit is None:
+        hit = read_weights(path, verify)
+        # a file changed in the last moments is not trusted by its time stamp: file systems keep
+        # times coarsely, so a rewrite of the same size right after could look unchanged
+        if time.time() - max(st.st_mtime, card_st.st_mtime) > _SETTLED_S:
+            _WEIGHTS_CACHE[key] = hit
+            while len(_WEIGHTS_CACHE) > _WEIGHTS_CACHE_SIZE:
+                _WEIGHTS_CACHE.popitem(last=False)
+    else:
+        _WEIGHTS_CACHE.move_to_end(key)
+    state, card = hit
+    return dict(state), copy.deepcopy(card)
+
+
 def read_weights(path: Union[str, Path], verify: bool = True) -> Tuple[Dict[str, torch.Tensor], Dict[str, Any]]:
     """The state dict of ``NAME.pt`` and the card of ``NAME.json``, checksum verified; loading
     never executes pickled code (``weights_only=True``).
@@ -98,6 +142,7 @@ def read_weights(path: Union[str, Path], verify: bool = True) -> Tuple[Dict[str,
         raise BadInputError(f"weights file {path} is missing. Reinstall the extension, or train the "
                             f"model with `deepreg train` and point DEEPREG_MODELS at its folder.")
     card = read_model_card(path)
+    WEIGHT_FILE_READS[str(path.resolve())] = WEIGHT_FILE_READS.get(str(path.resolve()), 0) + 1
     if verify:
         digest = sha256_file(path)
         if digest != card.get("sha256"):

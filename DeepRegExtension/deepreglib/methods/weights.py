@@ -13,7 +13,8 @@ import torch
 from torch import nn
 
 from ..core.errors import BadInputError
-from ..io.models import models_dir, read_weights, save_model, sha256_file  # noqa: F401  (re-exported)
+from ..io.models import (models_dir, read_weights, read_weights_cached, save_model,  # noqa: F401
+                         sha256_file)  # (re-exported)
 from .registry import network_class
 
 
@@ -21,11 +22,14 @@ def load_model(path: Union[str, Path], device: Union[str, torch.device] = "cpu",
                verify: bool = True) -> Tuple[nn.Module, Dict[str, Any]]:
     """Rebuild a network from ``NAME.json`` and load ``NAME.pt`` into it (eval mode).
 
+    The file is read once per process while unchanged (:func:`read_weights_cached`): a
+    long-lived worker (``deepreg batch``) does not read and checksum it again for every pair.
+
     Raises BadInputError if a file is missing, the checksum differs (a corrupted or swapped
     file), or the network class is unknown.
     """
     path = Path(path).with_suffix(".pt")
-    state, card = read_weights(path, verify)
+    state, card = read_weights_cached(path, verify)
     cls = network_class(card.get("network", ""))
     if cls is None:
         raise BadInputError(f"unknown network class {card.get('network')!r} in {path.with_suffix('.json')}")

@@ -121,18 +121,30 @@ def render_qa_png(out_path: PathLike, fixed, moving, warped, jacobian=None, disp
     Raises:
         ValueError: shapes disagree, spacing is not 3 positive numbers, or a slice is out of range.
     """
-    fixed = _as_volume("fixed", fixed)
-    shape = fixed.shape
-    moving = _as_volume("moving", moving, shape)
-    warped = _as_volume("warped", warped, shape)
-    u = _as_displacement(displacement, shape)
-    if jacobian is None and u is not None:
-        jacobian = jacobian_determinant(torch.from_numpy(u[None].astype(np.float64)))[0, 0].numpy()
-    jac = None if jacobian is None else _as_volume("jacobian", jacobian, shape)
-    lab_f = None if labels_fixed is None else _as_volume("labels_fixed", labels_fixed, shape)
-    lab_w = None if labels_warped is None else _as_volume("labels_warped", labels_warped, shape)
+    if isinstance(fixed, Planes):  # streamed: every input is already Planes through one centre
+        shape, centre = fixed.shape, fixed.centre
+        fixed, moving, warped = (_checked_planes(n, v, fixed) for n, v in (
+            ("fixed", fixed), ("moving", moving), ("warped", warped)))
+        u, jac, lab_f, lab_w = (None if v is None else _checked_planes(n, v, fixed) for n, v in (
+            ("displacement", displacement), ("jacobian", jacobian), ("labels_fixed", labels_fixed),
+            ("labels_warped", labels_warped)))
+    else:
+        fixed = _as_volume("fixed", fixed)
+        shape = fixed.shape
+        moving = _as_volume("moving", moving, shape)
+        warped = _as_volume("warped", warped, shape)
+        u = _as_displacement(displacement, shape)
+        if jacobian is None and u is not None:
+            jacobian = jacobian_determinant(torch.from_numpy(u[None].astype(np.float64)))[0, 0].numpy()
+        jac = None if jacobian is None else _as_volume("jacobian", jacobian, shape)
+        lab_f = None if labels_fixed is None else _as_volume("labels_fixed", labels_fixed, shape)
+        lab_w = None if labels_warped is None else _as_volume("labels_warped", labels_warped, shape)
+        centre = _slice_indices(slice_index, shape)
+        # from here on only three planes and a subsample of each volume are drawn from
+        fixed, moving, warped, u, lab_f, lab_w = (None if v is None else Planes.of(v, centre) for v in (
+            fixed, moving, warped, u, lab_f, lab_w))
+        jac = None if jac is None else Planes.of(jac, centre, jacobian_stats(jac))
     sp = _as_spacing(spacing)
-    centre = _slice_indices(slice_index, shape)
 
     fig = _draw(fixed, moving, warped, jac, u, sp, centre, lab_f, lab_w, metrics,
                 title or "Registration QA")
@@ -208,6 +220,99 @@ def report_from_manifest(manifest_path: PathLike, out_path: Optional[PathLike] =
                          displacement=u, spacing=tuple(grid.spacing_kji),
                          metrics=_manifest_metrics(manifest), title=title,
                          labels_fixed=lab_f, labels_warped=lab_w)
+
+
+# -- what is drawn: three planes and a subsample ------------------------------------------------
+#: At most this many voxels of a volume set its display window (percentiles of a subsample).
+SAMPLE_VOXELS = 2_000_000
+
+
+def _sample_step(n_voxels: int) -> int:
+    return max(1, n_voxels // SAMPLE_VOXELS)
+
+
+class Planes:
+    """What the picture needs of one volume ``(D, H, W)`` (or ``(C, D, H, W)``, a displacement):
+    its three orthogonal planes through ``centre`` (``planes[axis]``, the plane holding that axis
+    fixed, channels first), ``sample``: every ``step``-th voxel in C order (display windows),
+    and ``stats`` (e.g. the Jacobian's whole-volume min, max, folding, SDlogJ). Built from a
+    whole volume (:meth:`of`) or slab by slab (:class:`PlaneCollector`), so a big scan never has
+    to be in memory at once for its picture."""
+
+    def __init__(self, shape, centre, planes, sample, stats=None):
+        self.shape, self.centre = tuple(int(n) for n in shape), tuple(int(c) for c in centre)
+        self.planes = {a: np.nan_to_num(np.asarray(v, dtype=np.float32), nan=0.0, posinf=0.0, neginf=0.0)
+                       for a, v in planes.items()}
+        self.sample = np.nan_to_num(np.asarray(sample, dtype=np.float32).ravel(), nan=0.0, posinf=0.0, neginf=0.0)
+        self.stats = dict(stats or {})
+
+    @classmethod
+    def of(cls, volume: np.ndarray, centre, stats=None) -> "Planes":
+        v = np.asarray(volume)
+        spatial = v.shape[-3:]
+        planes = {a: np.take(v, centre[a], axis=v.ndim - 3 + a) for a in range(3)}
+        sample = v.reshape(-1, int(np.prod(spatial)))[:, ::_sample_step(int(np.prod(spatial)))] if v.ndim == 4 \
+            else v.ravel()[::_sample_step(v.size)]
+        return cls(spatial, centre, planes, sample, stats)
+
+    def take(self, axis: int) -> np.ndarray:
+        return self.planes[axis]
+
+    def __sub__(self, other: "Planes") -> "Planes":
+        return Planes(self.shape, self.centre, {a: self.planes[a] - other.planes[a] for a in range(3)},
+                      self.sample - other.sample)
+
+    def __abs__(self) -> "Planes":
+        return Planes(self.shape, self.centre, {a: np.abs(v) for a, v in self.planes.items()},
+                      np.abs(self.sample))
+
+
+class PlaneCollector:
+    """Builds :class:`Planes` of a volume that arrives slab by slab (slices ``k0:k1`` of the
+    slowest axis, any order): ``add(k0, slab)`` with ``slab`` ``(n, H, W)`` or ``(C, n, H, W)``;
+    the subsample is the same as :meth:`Planes.of` would take of the whole volume."""
+
+    def __init__(self, shape, centre, channels: int = 0):
+        self.shape, self.centre, self.channels = tuple(shape), tuple(centre), channels
+        d, h, w = self.shape
+        lead = (channels,) if channels else ()
+        self.planes = {0: np.zeros(lead + (h, w), np.float32), 1: np.zeros(lead + (d, w), np.float32),
+                       2: np.zeros(lead + (d, h), np.float32)}
+        self.step = _sample_step(d * h * w)
+        self.samples = {}
+
+    def add(self, k0: int, slab) -> None:
+        a = slab.detach().cpu().numpy() if isinstance(slab, torch.Tensor) else np.asarray(slab)
+        a = a.reshape(((self.channels,) if self.channels else ()) + a.shape[-3:])
+        n = a.shape[-3]
+        k, j, i = self.centre
+        if k0 <= k < k0 + n:
+            self.planes[0][...] = a[..., k - k0, :, :]
+        self.planes[1][..., k0:k0 + n, :] = a[..., :, j, :]
+        self.planes[2][..., k0:k0 + n, :] = a[..., :, :, i]
+        per = self.shape[1] * self.shape[2]
+        first = (-k0 * per) % self.step  # flat positions that are multiples of step
+        flat = a.reshape(((self.channels,) if self.channels else ()) + (-1,))
+        self.samples[k0] = flat[..., first::self.step].copy()
+
+    def result(self, stats=None) -> "Planes":
+        parts = [self.samples[k] for k in sorted(self.samples)]
+        sample = np.concatenate(parts, axis=-1) if parts else np.zeros(0, np.float32)
+        return Planes(self.shape, self.centre, self.planes, sample, stats)
+
+
+def jacobian_stats(jac: np.ndarray) -> dict:
+    """The whole-volume numbers the text block lists for a Jacobian map."""
+    t = torch.from_numpy(np.asarray(jac, dtype=np.float64))
+    return {"min": float(jac.min()), "max": float(jac.max()), "folding_fraction": folding_fraction(t),
+            "sdlogj": std_log_jacobian(t)}
+
+
+def _checked_planes(name: str, v, ref: "Planes") -> "Planes":
+    if not isinstance(v, Planes) or v.shape != ref.shape or v.centre != ref.centre:
+        raise ValueError(f"{name}: with Planes inputs every volume must be Planes of the fixed "
+                         f"shape {ref.shape} through {ref.centre}")
+    return v
 
 
 # -- input checks -------------------------------------------------------------------------------
@@ -286,8 +391,8 @@ def _normalised(v: np.ndarray, window: Tuple[float, float]) -> np.ndarray:
     return np.clip((v - lo) / (hi - lo), 0.0, 1.0)
 
 
-def _take(v: np.ndarray, plane: _Plane, index: int) -> np.ndarray:
-    return np.take(v, index, axis=plane.axis)
+def _take(v: "Planes", plane: _Plane, index: int) -> np.ndarray:
+    return v.take(plane.axis)
 
 
 @dataclass(frozen=True)
@@ -341,13 +446,13 @@ def _draw(fixed, moving, warped, jac, u, sp, centre, lab_f, lab_w, metrics, titl
     fig.suptitle(title, x=_LEFT / lay.fig_w, ha="left", y=1 - 0.12 / lay.fig_h, va="top",
                  fontsize=14, fontweight="bold")
 
-    diff_before = np.abs(fixed - moving)
-    diff_after = np.abs(fixed - warped)
-    diff_max = _robust_range(np.concatenate([diff_before.ravel(), diff_after.ravel()]), 0, 99.5)[1]
+    diff_before = abs(fixed - moving)
+    diff_after = abs(fixed - warped)
+    diff_max = _robust_range(np.concatenate([diff_before.sample, diff_after.sample]), 0, 99.5)[1]
     jac_norm, jac_cmap = _jacobian_colours(jac)
-    scales = _Scales(_robust_range(fixed),
+    scales = _Scales(_robust_range(fixed.sample),
                      # one window for moving and warped: the same intensities before and after
-                     _robust_range(np.concatenate([moving.ravel(), warped.ravel()])),
+                     _robust_range(np.concatenate([moving.sample, warped.sample])),
                      max(diff_max, 1e-6), jac_norm, jac_cmap)
 
     images = None
@@ -414,8 +519,8 @@ def _draw_row(axes, plane: _Plane, idx: int, sp: np.ndarray, vols, u, s: _Scales
                                  sp_r, sp_c), cmap="gray", vmin=0, vmax=1, **kw)
     axes[6].imshow(w2, cmap="gray", vmin=s.moving_win[0], vmax=s.moving_win[1], **kw)
     if u is not None:
-        _deformed_grid(axes[6], _take(u[plane.row_axis], plane, idx),
-                       _take(u[plane.col_axis], plane, idx), sp_r, sp_c)
+        u2 = _take(u, plane, idx)
+        _deformed_grid(axes[6], u2[plane.row_axis], u2[plane.col_axis], sp_r, sp_c)
     else:
         _note(axes[6], "no displacement field")
     if jac is not None:
@@ -443,7 +548,7 @@ def _jacobian_colours(jac: Optional[np.ndarray]):
     vmax = 2.0
     if jac is not None:
         # Beyond 2 only when the map really goes there, so ordinary runs share one scale.
-        vmax = float(np.clip(_robust_range(jac, 0.0, 99.5)[1], 2.0, 10.0))
+        vmax = float(np.clip(_robust_range(jac.sample, 0.0, 99.5)[1], 2.0, 10.0))
     norm = TwoSlopeNorm(vcenter=1.0, vmin=0.0, vmax=vmax)
     cmap = matplotlib.colormaps["RdBu_r"].with_extremes(under=FOLDING_RGB)
     return norm, cmap
@@ -669,13 +774,13 @@ def _text_lines(metrics, jac, has_lab_f, has_lab_w, has_field) -> List[Tuple[str
         for name, value in rows:
             row(name, value)
         lines.append(("body", ""))
-    if jac is not None:
-        t = torch.from_numpy(jac.astype(np.float64))
+    if jac is not None and jac.stats:
+        st = jac.stats
         lines.append(("head", "Jacobian map shown (all voxels)"))
-        row("min det J", _num(float(jac.min())))
-        row("max det J", _num(float(jac.max())))
-        row("Folding", f"{_num(100.0 * folding_fraction(t))} % (det J \u2264 0)")
-        row("SDlogJ", _num(std_log_jacobian(t)))
+        row("min det J", _num(float(st["min"])))
+        row("max det J", _num(float(st["max"])))
+        row("Folding", f"{_num(100.0 * st['folding_fraction'])} % (det J \u2264 0)")
+        row("SDlogJ", _num(st["sdlogj"]))
         lines.append(("body", ""))
     lines.append(("head", "How to read"))
     for text in (

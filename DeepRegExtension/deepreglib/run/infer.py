@@ -2,6 +2,7 @@
 out-of-memory falling back to the CPU."""
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -33,16 +34,27 @@ class Inference:
 
 def infer(opts: RegisterOptions, inputs: Inputs, matrix: np.ndarray, session: Session,
           device: torch.device) -> Inference:
+    injected = _injected_fault() == "cuda_oom"
     try:
+        if injected:  # tests only: the GPU path's out-of-memory, on any machine
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (injected by DEEPREG_FAULT_INJECT)")
         out = _infer_on(device, opts, inputs, matrix, session)
     except torch.cuda.OutOfMemoryError:
-        if device.type != "cuda" or not opts.cpu_fallback:
+        if (device.type != "cuda" and not injected) or not opts.cpu_fallback:
             raise BadInputError("the GPU ran out of memory; run with --device cpu (or free GPU memory)")
         session.warn(f"CUDA ran out of memory on {device}; retried on the CPU")
-        torch.cuda.empty_cache()
+        session.details["device_fallback"] = {"from": str(device), "to": "cpu", "reason": "CUDA out of memory"}
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
         out = _infer_on(torch.device("cpu"), opts, inputs, matrix, session)
     session.check()
     return out
+
+
+def _injected_fault() -> str:
+    """``DEEPREG_FAULT_INJECT`` (fault-injection tests only; unset in normal use): ``cuda_oom``
+    makes the first inference attempt raise CUDA's out-of-memory error."""
+    return os.environ.get("DEEPREG_FAULT_INJECT", "")
 
 
 def _infer_on(device: torch.device, opts: RegisterOptions, inputs: Inputs, matrix: np.ndarray,

@@ -44,13 +44,16 @@ def build_manifest(opts: RegisterOptions, info, inputs: Inputs, inference: Infer
         "parameters": {"refine": opts.refine, "init": opts.init, "device_requested": opts.device,
                        "method_options": opts.method_options},
         "device": str(device),
+        "device_fallback": session.details.get("device_fallback"),
         "weights": {"path": inference.method.weights_path, "sha256": inference.method.weights_sha256},
         "matrix_lps": fx.matrix.tolist(),
         "alignment": session.details.get("alignment"),
+        "input_checks": inputs.checks,
         "outputs": outputs,
         "metrics": metrics,
         "method_outputs": inference.result.info,
         "timings": session.timings,
+        "memory_estimate_mb": session.details.get("memory"),
         "peak_memory_mb": {"ram": peak_rss_mb(),
                            "gpu": (torch.cuda.max_memory_allocated(device) / 2 ** 20
                                    if device.type == "cuda" else None)},
@@ -65,6 +68,9 @@ def qa_numbers(manifest: dict) -> dict:
     m["method"] = manifest["method"]
     m["device"] = manifest["device"]
     m["time_s"] = round(manifest["timings"]["total"], 2)
+    checks = manifest.get("input_checks") or {}
+    if checks.get("non_finite") == "refused":  # a run that got this far had none
+        m["inputs"] = "all voxels finite"
     alignment = manifest.get("alignment")
     if alignment:
         m["alignment"] = f"{'POOR, check it' if alignment['quality'] == 'poor' else 'ok'} " \
