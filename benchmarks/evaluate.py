@@ -168,7 +168,8 @@ def run_child(spec: dict, folder: Path, threads: int, timeout: Optional[float]) 
     spec_path.write_text(json.dumps(spec))
     env = dict(os.environ)
     env.update({v: str(threads) for v in THREAD_VARIABLES})
-    env.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as the engine's CLI sets it, for every tool alike
+    # OMP_WAIT_POLICY is left alone: each tool runs as a user would run it (the engine chooses its
+    # own from the load, deepreglib/run/cpu_policy.py); run_one.py applies that choice
     t0 = time.perf_counter()
     try:
         # started in its own folder: whatever a tool writes beside itself stays out of the caller's

@@ -27,7 +27,7 @@ from typing import Callable, Dict, List, NamedTuple, Optional
 class Peer(NamedTuple):
     name: str
     function: Callable[[str, str, Path], Path]
-    distribution: Optional[str]  # pip package it needs beyond the engine's (None: SimpleITK only)
+    distribution: Optional[str]  # pip packages it needs beyond the engine's, space-separated (None: SimpleITK only)
     description: str
 
 
@@ -94,11 +94,8 @@ def greedy_affine(fixed: str, moving: str, out: Path) -> Path:
 
 
 def _greedy_matrix_to_tfm(mat: Path, path: Path) -> Path:
-    import numpy as np
     import SimpleITK as sitk
-    ras = np.loadtxt(str(mat))
-    flip = np.diag([-1.0, -1.0, 1.0, 1.0])
-    lps = flip @ ras @ flip
+    lps = _greedy_lps_matrix(mat)
     t = sitk.AffineTransform(3)
     t.SetMatrix(tuple(lps[:3, :3].ravel()))
     t.SetTranslation(tuple(lps[:3, 3]))
@@ -118,6 +115,52 @@ def greedy(fixed: str, moving: str, out: Path) -> Path:
     g.execute(f"-d 3 -i {fixed} {moving} -it {mat} -o {warp} {GREEDY_DEFORMABLE}{th}")
     g.execute(f"-d 3 -rf {fixed} -rc {composed} -r {warp} {mat}{th}")
     return _write_field_sitk(sitk_vector(composed), out / "greedy_field.mha")
+
+
+def _greedy_lps_matrix(mat: Path):
+    """greedy's RAS matrix file as the 4x4 LPS matrix of the same fixed -> moving map."""
+    import numpy as np
+    flip = np.diag([-1.0, -1.0, 1.0, 1.0])
+    return flip @ np.loadtxt(str(mat)) @ flip
+
+
+# -- ConvexAdam ------------------------------------------------------------------------------------
+def convexadam(fixed: str, moving: str, out: Path) -> Path:
+    """ConvexAdam (Siebert, Hansen and Heinrich 2021; the ``convexAdam`` package), as its authors
+    run it on brains: on images already aligned affinely and on one grid (the Learn2Reg OASIS
+    task). Here the affine is greedy's documented brain affine (:data:`GREEDY_AFFINE`); the moving
+    image is resampled onto the fixed grid with it, and ``convex_adam_pt`` runs with every default
+    (MIND-SSC ``mind_r=1, mind_d=2``, coupled convex step on a 6-voxel grid with ``disp_hw=4``,
+    inverse consistency, 80 Adam steps on a 2-voxel grid, ``lambda_weight=1.25``), in float32 on
+    the CPU. The result is the composition (affine after the deformation) as one displacement
+    field on the fixed grid."""
+    import numpy as np
+    import SimpleITK as sitk
+    import torch
+    from convexAdam.convex_adam_MIND import convex_adam_pt
+    from picsl_greedy import Greedy3D
+    mat = out / "greedy_affine.mat"
+    Greedy3D().execute(f"-d 3 -i {fixed} {moving} -o {mat} {GREEDY_AFFINE}{_greedy_threads()}")
+    lps = _greedy_lps_matrix(mat)
+    f, m = _read_sitk(fixed), _read_sitk(moving)
+    affine = sitk.AffineTransform(3)
+    affine.SetMatrix(tuple(lps[:3, :3].ravel()))
+    affine.SetTranslation(tuple(lps[:3, 3]))
+    m_on_f = sitk.Resample(m, f, affine, sitk.sitkLinear, 0.0, sitk.sitkFloat32)
+    # arrays in SimpleITK's (k, j, i) order; ConvexAdam's displacement is in voxels along those axes,
+    # pulling the moving image: warped[x] = moving[x + d(x)]
+    d = convex_adam_pt(sitk.GetArrayFromImage(f), sitk.GetArrayFromImage(m_on_f), dtype=torch.float32,
+                       device=torch.device("cpu"))
+    d_ijk = np.asarray(d, dtype=np.float64)[..., ::-1]  # (k, j, i, 3) -> components along (i, j, k)
+    direction = np.asarray(f.GetDirection(), dtype=np.float64).reshape(3, 3)
+    to_mm = direction @ np.diag(f.GetSpacing())
+    u = d_ijk @ to_mm.T  # physical displacement of each fixed point, before the affine
+    k, j, i = np.meshgrid(*[np.arange(n, dtype=np.float64) for n in f.GetSize()[::-1]], indexing="ij")
+    points = np.stack([i, j, k], -1) @ to_mm.T + np.asarray(f.GetOrigin())
+    total = (points + u) @ lps[:3, :3].T + lps[:3, 3] - points  # T(p) - p, T = affine o (p + u)
+    field = sitk.GetImageFromArray(total.astype(np.float32), isVector=True)
+    field.CopyInformation(f)
+    return _write_field_sitk(field, out / "convexadam_field.mha")
 
 
 def sitk_vector(path: Path):
@@ -241,6 +284,8 @@ PEERS: Dict[str, Peer] = {p.name: p for p in (
          "SimpleITK affine (Mattes MI) + fast symmetric-forces demons (SimpleITK examples' settings)"),
     Peer("sitk-affine", sitk_affine, None, "affine-only baseline: the SimpleITK affine alone"),
     Peer("greedy", greedy, "picsl-greedy", "greedy (picsl-greedy): its documented brain affine + deformable NCC pipeline"),
+    Peer("convexadam", convexadam, "convexAdam picsl-greedy",
+         "ConvexAdam (convexAdam package, every default: MIND-SSC, convex step + 80 Adam steps) after greedy's brain affine"),
     Peer("greedy-affine", greedy_affine, "picsl-greedy", "greedy's documented brain affine alone"),
     Peer("identity", identity, None, "identity transform (doing nothing)"),
 )}
@@ -252,19 +297,17 @@ NOT_A_REGISTRATION = ("identity",)
 def available(name: str) -> bool:
     """Whether the peer's package is installed here (asked of the package metadata, without
     importing it)."""
-    dist = PEERS[name].distribution
-    if dist is None:
-        return True
-    try:
-        metadata.version(dist)
-    except metadata.PackageNotFoundError:
-        return False
+    for dist in (PEERS[name].distribution or "").split():
+        try:
+            metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            return False
     return True
 
 
 def missing_message(name: str) -> str:
     dist = PEERS[name].distribution
-    return f"skipping peer {name}: {dist} is not installed (pip install {dist}, or pip install .[bench])"
+    return f"skipping peer {name}: it needs {dist} (pip install {dist}, or pip install .[bench])"
 
 
 def peer_names() -> List[str]:

@@ -25,9 +25,11 @@ import time
 import traceback
 from pathlib import Path
 
-# as deepreglib's CLI (main): idle OpenMP threads sleep, set before torch is imported; with
-# spinning threads another busy process made --init auto 25x slower (62 s instead of 2.4 s)
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# as deepreglib's CLI (main), before torch is imported: idle OpenMP threads spin only when the
+# cores are free (with spinning threads, another busy process made --init auto 25x slower)
+from deepreglib.run.cpu_policy import apply_wait_policy  # noqa: E402
+
+apply_wait_policy(int(os.environ["OMP_NUM_THREADS"]) if os.environ.get("OMP_NUM_THREADS", "").isdigit() else None)
 
 
 def _peak_rss_mb() -> float:

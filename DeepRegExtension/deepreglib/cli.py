@@ -261,11 +261,26 @@ def _on_sigterm(signum, frame):
     raise CancelledError("cancelled by signal %d" % signum)
 
 
+def _threads_in(argv: List[str]) -> Optional[int]:
+    """``--threads N`` read from the raw arguments (argparse needs the method registry, which
+    imports torch); ``None`` when absent or not a number (argparse reports that later)."""
+    for i, a in enumerate(argv):
+        value = a.split("=", 1)[1] if a.startswith("--threads=") else (
+            argv[i + 1] if a == "--threads" and i + 1 < len(argv) else None)
+        if value is not None:
+            try:
+                return int(value)
+            except ValueError:
+                return None
+    return None
+
+
 def main(argv: Optional[List[str]] = None) -> int:
-    # Idle OpenMP threads sleep rather than spin (before torch loads): the worker shares the CPU
-    # with Slicer's GUI, and spinning threads slow both down.
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     argv = list(sys.argv[1:] if argv is None else argv)
+    # Before anything imports torch: idle OpenMP threads spin only when the cores are free, else
+    # they sleep (run/cpu_policy.py has the measurements).
+    from .run.cpu_policy import apply_wait_policy
+    apply_wait_policy(_threads_in(argv))
     json_mode = "json" in argv and "--progress" in argv
     from .io.progress import JsonReporter, BarReporter
     reporter = JsonReporter() if json_mode else BarReporter()

@@ -153,3 +153,39 @@ def test_folding_and_sdlogj():
 def test_diffeomorphic_integration_does_not_fold():
     u = integrate_velocity(smooth_field((16, 16, 16), 6.0, seed=6))
     assert float(jacobian_determinant(u).min()) > 0
+
+
+@pytest.mark.parametrize("padding", ["zeros", "border"])
+@pytest.mark.parametrize("depth", [37, 40])  # not a multiple of the slab count, and one that is
+def test_split_sampler_equals_one_call(padding, depth, monkeypatch):
+    """The CPU sampler that cuts a lone image's grid into per-thread slabs (core/warp._sample)
+    gives the values and gradients of one ``F.grid_sample`` call."""
+    from deepreglib.core import warp as warp_module
+    shape = (depth, 36, 30)
+    g = torch.Generator().manual_seed(3)
+    image = torch.rand(1, 2, *shape, generator=g, dtype=torch.float64)
+    u = smooth_field(shape, 4.0, seed=2)
+    old = torch.get_num_threads()
+    results = []
+    try:
+        for threads, minimum in ((1, 10 ** 9), (3, 1)):  # one call; then forced split into 3 slabs
+            torch.set_num_threads(threads)
+            monkeypatch.setattr(warp_module, "SPLIT_MIN_VOXELS", minimum)
+            img = image.clone().requires_grad_(True)
+            disp = u.clone().requires_grad_(True)
+            out = warp(img, disp, padding=padding)
+            (out * torch.linspace(0, 1, out.numel(), dtype=out.dtype).view_as(out)).sum().backward()
+            results.append((out.detach(), img.grad, disp.grad))
+    finally:
+        torch.set_num_threads(old)
+    (o1, gi1, gu1), (o2, gi2, gu2) = results
+    assert torch.equal(o1, o2)
+    assert torch.equal(gu1, gu2)
+    assert torch.allclose(gi1, gi2, rtol=0, atol=1e-12)  # the image's gradient is summed over slabs
+
+
+def test_separable_smoother_is_the_box_mean():
+    from deepreglib.classic.instance import _smooth
+    u = torch.rand(1, 3, 9, 11, 7, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    box = torch.nn.functional.avg_pool3d(torch.nn.functional.pad(u, (1,) * 6, mode="replicate"), 3, stride=1)
+    assert torch.allclose(_smooth(u), box, rtol=0, atol=1e-14)

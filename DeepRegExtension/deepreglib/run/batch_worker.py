@@ -113,7 +113,8 @@ def _watch_parent(coordinator: int) -> None:
 
 def init_local_worker(threads: int, parent: int) -> None:
     """Initializer of a ``--jobs`` worker process: torch threads, signals, the parent watch."""
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    from .cpu_policy import apply_wait_policy
+    apply_wait_policy(threads)  # before torch loads: sleep, not spin, when the cores are shared
     import torch
     torch.set_num_threads(max(1, int(threads)))
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group; the coordinator decides

@@ -3,6 +3,7 @@ device, weights, the whole matrix, outputs, metrics, timings, memory and version
 from __future__ import annotations
 
 import datetime
+import os
 import platform
 import sys
 from typing import Optional
@@ -114,4 +115,6 @@ def _peak_working_set_mb() -> Optional[float]:
 
 def versions() -> dict:
     return {"deepreglib": __version__, "torch": torch.__version__, "SimpleITK": sitk.Version_VersionString(),
-            "numpy": np.__version__, "python": platform.python_version(), "platform": platform.platform()}
+            "numpy": np.__version__, "python": platform.python_version(), "platform": platform.platform(),
+            "cpu_threads": torch.get_num_threads(),
+            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "default")}
