@@ -3,7 +3,7 @@
 - the warp (``F.grid_sample``, forward and backward) as one call, whose 3D CPU kernel runs a lone
   image on one thread, against ``core/warp._sample``, which cuts the grid into one slab per thread;
 - the 3x3x3 smoother as ``avg_pool3d`` against the separable sum of shifted views
-  (``classic/instance._smooth``).
+  (``classic/instance.box_mean3``).
 
     python benchmarks/cpu_kernels.py [--shape 96 112 112] [--threads 2] [--repeats 20]
         [--out benchmarks/results/cpu-kernels-DATE.json]
@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from deepreglib.classic.instance import _smooth
+from deepreglib.classic.instance import box_mean3
 from deepreglib.core import warp as warp_module
 
 
@@ -66,7 +66,7 @@ def main() -> None:
     def smooth_step(separable: bool):
         def run():
             u = u0.clone().requires_grad_(True)
-            out = _smooth(u) if separable else F.avg_pool3d(F.pad(u, (1,) * 6, mode="replicate"), 3, stride=1)
+            out = box_mean3(u) if separable else F.avg_pool3d(F.pad(u, (1,) * 6, mode="replicate"), 3, stride=1)
             out.sum().backward()
         return run
 

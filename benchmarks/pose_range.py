@@ -134,7 +134,7 @@ def posed_pair(img: sitk.Image, lab: sitk.Image, theta: float):
 
 def engine_initializer(name: str, **options) -> Callable:
     def run(fixed, moving, device):
-        from deepreglib.classic.align import INITIALIZERS, initial_transform
+        from deepreglib.classic.initial import INITIALIZERS, initial_transform
         from deepreglib.io.images import image_to_tensor
         from deepreglib.methods import learned_init  # noqa: F401  (registers dnet / same-affine)
         if name not in INITIALIZERS:

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from deepreglib.classic.align import (INITIALIZERS, affine_register, center_of_mass_transform,
-                              initial_transform, moments_transform, register_initializer)
+from deepreglib.classic.align import affine_register, center_of_mass_transform, moments_transform
+from deepreglib.classic.initial import INITIALIZERS, initial_transform, register_initializer
 from deepreglib.core.errors import BadInputError, CancelledError
 from deepreglib.core.geometry import Grid, voxel_grid_points  # noqa: F401
 from helpers import axis_rotation as _rotation, centred_grid as _centred, corner_error as _corner_error, sample_phantom as _sample  # noqa: E501

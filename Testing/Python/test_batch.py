@@ -368,3 +368,19 @@ def test_sigterm_cancels_cleanly_no_half_pair_no_orphan(cohort, tmp_path):
             else not (out / pid).exists()
     assert not (out / ".staging").exists()
     assert (out / "summary.csv").is_file()
+
+
+def test_a_killed_coordinators_temporary_files_are_removed_on_resume(tmp_path):
+    """A SIGKILL in the middle of the coordinator's atomic write of batch.json leaves
+    ``.batch.json.tmp-PID-TID`` (seen in the kill test, at random); the next batch in that folder
+    removes it, and keeps the user's own files and finished pairs."""
+    from deepreglib.run.batch import clean_staging
+    out = tmp_path / "batch"
+    (out / ".staging" / "pairA.partial").mkdir(parents=True)
+    (out / "done_pair").mkdir()
+    (out / "done_pair" / "manifest.json").write_text("{}")
+    (out / ".batch.json.tmp-1234-5678").write_text('{"half": ')
+    (out / "notes.txt").write_text("mine")
+    assert clean_staging(out) == []
+    assert sorted(p.name for p in out.iterdir()) == ["done_pair", "notes.txt"]
+    assert (out / "done_pair" / "manifest.json").read_text() == "{}"

@@ -26,7 +26,7 @@ def test_unknown_load_sleeps():
 
 
 def test_the_load_reader_counts_others(monkeypatch):
-    value = cpu_policy._runnable_others()
+    value = cpu_policy.runnable_others()
     assert value is None or value >= 0.0
     if os.path.exists("/proc/loadavg"):
         assert value is not None
@@ -34,7 +34,7 @@ def test_the_load_reader_counts_others(monkeypatch):
 
 def test_a_user_choice_wins(monkeypatch):
     monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
-    monkeypatch.setattr(cpu_policy, "_runnable_others", lambda: 5.0)
+    monkeypatch.setattr(cpu_policy, "runnable_others", lambda: 5.0)
     assert "set by the user" in cpu_policy.apply_wait_policy(2)
     assert os.environ["OMP_WAIT_POLICY"] == "ACTIVE"
     monkeypatch.delenv("OMP_WAIT_POLICY")
@@ -46,11 +46,11 @@ def test_a_user_choice_wins(monkeypatch):
 def test_busy_sets_passive(monkeypatch):
     for name in ("OMP_WAIT_POLICY", "KMP_BLOCKTIME", "GOMP_SPINCOUNT"):
         monkeypatch.delenv(name, raising=False)
-    monkeypatch.setattr(cpu_policy, "_runnable_others", lambda: 8.0)
+    monkeypatch.setattr(cpu_policy, "runnable_others", lambda: 8.0)
     assert cpu_policy.apply_wait_policy(None) == "PASSIVE"
     assert os.environ["OMP_WAIT_POLICY"] == "PASSIVE"
     monkeypatch.delenv("OMP_WAIT_POLICY")
-    monkeypatch.setattr(cpu_policy, "_runnable_others", lambda: 0.0)
+    monkeypatch.setattr(cpu_policy, "runnable_others", lambda: 0.0)
     monkeypatch.setattr(os, "cpu_count", lambda: 1024)
     assert cpu_policy.apply_wait_policy(None) == "default"
     assert "OMP_WAIT_POLICY" not in os.environ

@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 import torch
 
-from deepreglib.classic import align
+from deepreglib.classic import initial as align
 from deepreglib.core.geometry import Grid, voxel_grid_points
 from deepreglib.methods.dnet.method import (DNetMethod, dnet_grid, dnet_initializer, normalized_to_index,
                                      normalized_to_physical, physical_rigid, rotation_error_deg)
-from deepreglib.methods.dnet.training import _loss as dnet_recipe_loss
+from deepreglib.methods.dnet.training import DNET as DNET_RECIPE
 from deepreglib.methods.dnet.training import (dnet_loss_terms, max_angle_at, rigid_training_pair,
                                               whole_volume_batch)
 from deepreglib.run.initializers import register_learned_initializers
@@ -305,7 +305,7 @@ def test_short_dnet_training_lowers_the_loss():
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
     losses = []
     for _ in range(25):
-        total, terms = dnet_recipe_loss(model, batch, args)
+        total, terms = DNET_RECIPE.loss(model, batch, args)
         assert set(terms) == {"translation_loss", "rotation_loss", "max_angle_deg"}
         assert terms["max_angle_deg"] == pytest.approx(180.0)  # no warm-up asked: the paper's range
         opt.zero_grad()

@@ -15,7 +15,7 @@ from deepreglib.core.geometry import Grid, voxel_grid_points
 from deepreglib.methods.base import RunContext
 from deepreglib.run.initializers import register_learned_initializers
 from deepreglib.methods.same.method import SAMEMethod, parse_steps, write_same_outputs
-from deepreglib.methods.same.training import _sam_loss, same_vxm_loss
+from deepreglib.methods.same.training import SAM as SAM_RECIPE, same_vxm_loss
 from deepreglib.methods.weights import save_model
 from deepreglib.methods.same.network import PixelInfoNCE, SAMNet, correlation_features
 from deepreglib.methods.same.network_voxelmorph import SAMSimilarityLoss, SAMVoxelMorph
@@ -306,7 +306,7 @@ def test_steps_option_and_sam_only_weights(tmp_path):
 
 
 def test_same_affine_initializer_is_registered_only_with_weights(tmp_path, monkeypatch):
-    from deepreglib.classic import align
+    from deepreglib.classic import initial as align
     monkeypatch.setattr(align, "INITIALIZERS", dict(align.INITIALIZERS))
     assert register_learned_initializers(tmp_path) == []
     _same_file(tmp_path, sam_only=True)
@@ -336,7 +336,7 @@ def test_short_sam_training_lowers_the_loss():
     torch.manual_seed(0)
     model = SAMNet(**TINY_SAM)
     batch = {"fixed": synth_pair((32, 32, 32), seed=3).fixed}
-    losses, terms = _short_run(model, lambda: _sam_loss(model, batch, argparse.Namespace(seed=0)), 20, 3e-3)
+    losses, terms = _short_run(model, lambda: SAM_RECIPE.loss(model, batch, argparse.Namespace(seed=0)), 20, 3e-3)
     assert set(terms) == {"global_nce", "local_nce"}
     assert np.mean(losses[-3:]) < 0.85 * losses[0]  # about 0.77 after 20 steps
 
@@ -358,9 +358,9 @@ def test_same_affine_sees_a_moving_file_in_another_voxel_order_unmirrored(tmp_pa
     +x, -z, -y, as the OASIS files) reaches SAM as the same tensor, so SAM-affine returns the
     same matrix; each view faces the fixed image's direction."""
     from deepreglib.core.geometry import voxel_grid_points
-    from deepreglib.methods.same.method import _embed_on_own_grids, _sam_of, load_same_model, same_affine_initializer
+    from deepreglib.methods.same.method import embed_on_own_grids, sam_of, load_same_model, same_affine_initializer
     path = _same_file(tmp_path, sam_only=True)
-    sam = _sam_of(load_same_model(path, "cpu")[0])
+    sam = sam_of(load_same_model(path, "cpu")[0])
 
     def scene(grid):
         p = voxel_grid_points(grid, torch.float64)[0].permute(1, 2, 3, 0).numpy()
@@ -375,7 +375,7 @@ def test_same_affine_sees_a_moving_file_in_another_voxel_order_unmirrored(tmp_pa
              (1.0, 0.0, 0.0, 0.0, 0.0, -1.0, 0.0, -1.0, 0.0))
     assert np.allclose(b.index_to_physical(np.asarray(b.shape, float) - 1), (hi[0], lo[1], lo[2]))
     fixed = scene(fixed_grid)
-    views = [_embed_on_own_grids(sam, fixed, fixed_grid, scene(g), g, 112, "cpu") for g in (a, b)]
+    views = [embed_on_own_grids(sam, fixed, fixed_grid, scene(g), g, 112, "cpu") for g in (a, b)]
     assert views[0][3] == views[1][3]  # the same moving grid, facing the fixed direction
     assert np.allclose(np.asarray(views[1][3].direction), np.eye(3).ravel())
     assert float((views[0][4] - views[1][4]).abs().max()) < 1e-4  # the same embeddings

@@ -11,7 +11,7 @@ Images are ``(1, 1, D, H, W)`` tensors (a ``(D, H, W)`` array is accepted too) o
 from __future__ import annotations
 
 import itertools
-from typing import Callable, Dict, Optional, Sequence, Tuple
+from typing import Callable, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -46,7 +46,7 @@ def make_similarity(name: str, **options) -> torch.nn.Module:
     return factories[name](**options)
 
 
-def _volume(image, grid: Grid, name: str, device) -> torch.Tensor:
+def as_volume(image, grid: Grid, name: str, device) -> torch.Tensor:
     x = torch.as_tensor(image)
     if x.ndim == 3:
         x = x[None, None]
@@ -59,12 +59,12 @@ def _volume(image, grid: Grid, name: str, device) -> torch.Tensor:
     return x.to(device=device, dtype=torch.float32)
 
 
-def _check_cancel(cancel: CancelFn, what: str) -> None:
+def check_cancel(cancel: CancelFn, what: str) -> None:
     if cancel is not None and cancel():
         raise CancelledError(f"{what} cancelled")
 
 
-def _to_numpy(m: torch.Tensor) -> np.ndarray:
+def to_numpy(m: torch.Tensor) -> np.ndarray:
     return m.detach().to("cpu", torch.float64).numpy()
 
 
@@ -83,7 +83,7 @@ def _weights(image: torch.Tensor, low_percentile: float) -> torch.Tensor:
     return w
 
 
-def _moments(image: torch.Tensor, grid: Grid, low_percentile: float,
+def intensity_moments(image: torch.Tensor, grid: Grid, low_percentile: float,
              second: bool) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """Weighted centroid ``(3,)`` and, if ``second``, covariance ``(3, 3)`` in LPS mm.
 
@@ -126,16 +126,16 @@ def center_of_mass_transform(fixed, fixed_grid: Grid, moving, moving_grid: Grid,
     Returns:
         4x4 LPS ``[[I, c_moving - c_fixed], [0, 1]]`` (mm).
     """
-    f = _volume(fixed, fixed_grid, "fixed", device)
-    m = _volume(moving, moving_grid, "moving", device)
-    cf, _ = _moments(f, fixed_grid, low_percentile, second=False)
-    cm, _ = _moments(m, moving_grid, low_percentile, second=False)
+    f = as_volume(fixed, fixed_grid, "fixed", device)
+    m = as_volume(moving, moving_grid, "moving", device)
+    cf, _ = intensity_moments(f, fixed_grid, low_percentile, second=False)
+    cm, _ = intensity_moments(m, moving_grid, low_percentile, second=False)
     out = np.eye(4)
-    out[:3, 3] = _to_numpy(cm - cf)
+    out[:3, 3] = to_numpy(cm - cf)
     return out
 
 
-def _principal_axes(cov: torch.Tensor) -> np.ndarray:
+def principal_axes(cov: torch.Tensor) -> np.ndarray:
     _, vecs = torch.linalg.eigh(cov.to("cpu", torch.float64))  # columns, ascending eigenvalues
     return vecs.numpy()
 
@@ -154,12 +154,12 @@ def moments_transform(fixed, fixed_grid: Grid, moving, moving_grid: Grid,
     Returns:
         4x4 LPS: ``p -> c_moving + R (p - c_fixed)``.
     """
-    f = _volume(fixed, fixed_grid, "fixed", device)
-    m = _volume(moving, moving_grid, "moving", device)
-    cf, cov_f = _moments(f, fixed_grid, low_percentile, second=True)
-    cm, cov_m = _moments(m, moving_grid, low_percentile, second=True)
-    ef, em = _principal_axes(cov_f), _principal_axes(cov_m)
-    cf_np, cm_np = _to_numpy(cf), _to_numpy(cm)
+    f = as_volume(fixed, fixed_grid, "fixed", device)
+    m = as_volume(moving, moving_grid, "moving", device)
+    cf, cov_f = intensity_moments(f, fixed_grid, low_percentile, second=True)
+    cm, cov_m = intensity_moments(m, moving_grid, low_percentile, second=True)
+    ef, em = principal_axes(cov_f), principal_axes(cov_m)
+    cf_np, cm_np = to_numpy(cf), to_numpy(cm)
 
     candidates = [np.eye(3)]
     for perm in itertools.permutations(range(3)):
@@ -190,7 +190,7 @@ def _skew(v: torch.Tensor) -> torch.Tensor:
                         torch.stack([-v[1], v[0], z])])
 
 
-class _AffineAboutCentre(torch.nn.Module):
+class AffineAboutCentre(torch.nn.Module):
     """``T(p) = c + M (p - c) + radius * t`` with ``M = I + L`` (affine, 12 parameters) or
     ``M = exp(skew(w))`` (rigid: axis-angle ``w``, exactly orthonormal). Parameters start at 0
     (identity). Scaling the translation by the image radius makes one unit of every parameter
@@ -253,8 +253,8 @@ def affine_register(fixed, fixed_grid: Grid, moving, moving_grid: Grid,
     if similarity == "mi":
         options.setdefault("max_voxels", MI_SAMPLES)
     sim = make_similarity(similarity, **options)
-    f = normalize_intensity(_volume(fixed, fixed_grid, "fixed", device))
-    m = normalize_intensity(_volume(moving, moving_grid, "moving", device))
+    f = normalize_intensity(as_volume(fixed, fixed_grid, "fixed", device))
+    m = normalize_intensity(as_volume(moving, moving_grid, "moving", device))
     dtype = coordinate_dtype(device)
     a0 = torch.as_tensor(np.eye(4) if init is None else np.asarray(init, dtype=np.float64),
                          dtype=dtype, device=device)
@@ -263,7 +263,7 @@ def affine_register(fixed, fixed_grid: Grid, moving, moving_grid: Grid,
 
     centre = fixed_grid.index_to_physical((np.asarray(fixed_grid.shape) - 1) / 2.0)
     radius = float(np.mean(fixed_grid.extent_mm)) / 2.0
-    model = _AffineAboutCentre(centre, radius, rigid, dtype, device)
+    model = AffineAboutCentre(centre, radius, rigid, dtype, device)
     total = max(1, sum(iterations))
     done = 0
     # The moving image is downsampled to about the same spacing as the fixed level, so a fine
@@ -275,7 +275,7 @@ def affine_register(fixed, fixed_grid: Grid, moving, moving_grid: Grid,
         optimiser = Adam(model.parameters(), lr=lr / 2 ** index)
         label = f"{'rigid' if rigid else 'affine'} level {index + 1}/{len(levels)} (x{factor:g})"
         for step in range(steps):
-            _check_cancel(cancel, "affine registration")
+            check_cancel(cancel, "affine registration")
             optimiser.zero_grad()
             warped = resample_to_grid(m_level, m_grid, f_grid, a0 @ model(), padding="border")
             loss = sim(warped, f_level)
@@ -287,76 +287,4 @@ def affine_register(fixed, fixed_grid: Grid, moving, moving_grid: Grid,
     if progress is not None:
         progress(1.0, "affine registration done")
     with torch.no_grad():
-        return _to_numpy(a0 @ model())
-
-
-# -- the --init dispatcher -------------------------------------------------------------------
-def _none(fixed, fixed_grid, moving, moving_grid, **_):
-    return np.eye(4)
-
-
-def _center(fixed, fixed_grid, moving, moving_grid, device="cpu", **_):
-    return center_of_mass_transform(fixed, fixed_grid, moving, moving_grid, device=device)
-
-
-def _moments_init(fixed, fixed_grid, moving, moving_grid, device="cpu", **_):
-    return moments_transform(fixed, fixed_grid, moving, moving_grid, device=device)
-
-
-def _auto(fixed, fixed_grid, moving, moving_grid, device="cpu", progress=None, cancel=None,
-          init=None, **options):
-    from .auto import auto_transform  # auto builds on this module
-    return auto_transform(fixed, fixed_grid, moving, moving_grid, device=device, progress=progress,
-                          cancel=cancel, init=init, **options)
-
-
-def _optimised(rigid: bool):
-    def run(fixed, fixed_grid, moving, moving_grid, device="cpu", progress=None, cancel=None,
-            init=None, **options):
-        start = init if init is not None else center_of_mass_transform(
-            fixed, fixed_grid, moving, moving_grid, device=device)
-        return affine_register(fixed, fixed_grid, moving, moving_grid, init=start, rigid=rigid,
-                               progress=progress, cancel=cancel, device=device, **options)
-    return run
-
-
-#: ``--init`` name -> ``fn(fixed, fixed_grid, moving, moving_grid, device=..., progress=...,
-#: cancel=..., **options) -> 4x4``. ``auto`` (:mod:`deepreglib.classic.auto`, the default: a
-#: search over starting poses, rigid then affine on coarse levels, with a quality check),
-#: ``affine`` and ``rigid`` start from ``init=`` (a 4x4) when given, else from the centre of
-#: mass (``auto``: from its own search).
-#: Learned initialisers are added with :func:`register_initializer`.
-INITIALIZERS: Dict[str, Callable[..., np.ndarray]] = {
-    "auto": _auto,
-    "none": _none,
-    "center": _center,
-    "moments": _moments_init,
-    "affine": _optimised(rigid=False),
-    "rigid": _optimised(rigid=True),
-}
-
-
-def register_initializer(name: str, fn: Callable[..., np.ndarray]) -> None:
-    """Add an ``--init`` choice (e.g. a learned affine network) with the signature of
-    :data:`INITIALIZERS`'s values."""
-    if not name or not callable(fn):
-        raise ValueError("an initializer needs a name and a callable")
-    INITIALIZERS[name] = fn
-
-
-def initial_transform(kind: str, fixed, fixed_grid: Grid, moving, moving_grid: Grid,
-                      device="cpu", progress: ProgressFn = None, cancel: CancelFn = None,
-                      **options) -> np.ndarray:
-    """The ``--init`` step: a 4x4 LPS matrix (fixed -> moving points) by the named method.
-
-    ``options`` go to the method (e.g. ``similarity="mi"`` for ``affine``/``rigid``).
-    """
-    if kind not in INITIALIZERS:
-        raise BadInputError(f"--init must be one of {sorted(INITIALIZERS)}, got {kind!r}")
-    _check_cancel(cancel, "initial alignment")
-    out = INITIALIZERS[kind](fixed, fixed_grid, moving, moving_grid, device=device,
-                             progress=progress, cancel=cancel, **options)
-    out = np.asarray(out, dtype=np.float64)
-    if out.shape != (4, 4) or not np.all(np.isfinite(out)):
-        raise ValueError(f"initializer {kind!r} returned an invalid matrix: {out}")
-    return out
+        return to_numpy(a0 @ model())

@@ -40,7 +40,7 @@ from ..core.errors import CancelledError
 from ..core.geometry import Grid
 from ..core.losses import LocalNCCToFixed
 from ..core.resample import ALIGN_CORNERS, coordinate_dtype, gaussian_blur, resample_to_grid
-from .align import (MI_SAMPLES, _AffineAboutCentre, _moments, _principal_axes, _to_numpy, _volume,
+from .align import (MI_SAMPLES, AffineAboutCentre, intensity_moments, principal_axes, to_numpy, as_volume,
                     make_similarity)
 from .adam import Adam
 
@@ -146,7 +146,7 @@ def _candidate_rotations(cov_f: torch.Tensor, cov_m: torch.Tensor) -> List[np.nd
     for axis in range(3):
         for deg in SEARCH_DEGREES:
             out += [_rotation(axis, deg), _rotation(axis, -deg)]
-    ef, em = _principal_axes(cov_f), _principal_axes(cov_m)
+    ef, em = principal_axes(cov_f), principal_axes(cov_m)
     for perm in ((0, 1, 2), (0, 2, 1), (1, 0, 2), (1, 2, 0), (2, 0, 1), (2, 1, 0)):
         for signs in ((1, 1, 1), (1, -1, -1), (-1, 1, -1), (-1, -1, 1),
                       (-1, 1, 1), (1, -1, 1), (1, 1, -1), (-1, -1, -1)):
@@ -206,7 +206,7 @@ def _optimise(f: torch.Tensor, f_grid: Grid, m: torch.Tensor, m_grid: Grid, star
     dtype = coordinate_dtype(f.device)
     centre = f_grid.index_to_physical((np.asarray(f_grid.shape) - 1) / 2.0)
     radius = float(np.mean(f_grid.extent_mm)) / 2.0
-    model = _AffineAboutCentre(centre, radius, rigid, dtype, f.device)
+    model = AffineAboutCentre(centre, radius, rigid, dtype, f.device)
     a0 = torch.as_tensor(start, dtype=dtype, device=f.device)
     optimiser = Adam(model.parameters(), lr=lr)
     stopper = _Stopper()
@@ -222,7 +222,7 @@ def _optimise(f: torch.Tensor, f_grid: Grid, m: torch.Tensor, m_grid: Grid, star
         if stop and stopper(loss_value):
             break
     with torch.no_grad():
-        return _to_numpy(a0 @ model()), loss_value, done
+        return to_numpy(a0 @ model()), loss_value, done
 
 
 def _score(sim, f, f_grid, m, m_grid, a) -> float:
@@ -304,8 +304,8 @@ def auto_transform(fixed, fixed_grid: Grid, moving, moving_grid: Grid, device="c
                          "and of the same length")
     if similarity not in ("lncc", "mi"):
         raise ValueError(f"similarity must be 'lncc' or 'mi', got {similarity!r}")
-    f_full = _volume(fixed, fixed_grid, "fixed", device)
-    m_full = _volume(moving, moving_grid, "moving", device)
+    f_full = as_volume(fixed, fixed_grid, "fixed", device)
+    m_full = as_volume(moving, moving_grid, "moving", device)
 
     def say(fraction, message):
         if progress is not None:
@@ -346,9 +346,9 @@ def auto_transform(fixed, fixed_grid: Grid, moving, moving_grid: Grid, device="c
     if init is not None:
         best = np.asarray(init, dtype=np.float64)
     else:
-        cf, cov_f = _moments(fs, fs_grid, 10.0, second=True)
-        cm, cov_m = _moments(ms, ms_grid, 10.0, second=True)
-        cf_np, cm_np = _to_numpy(cf), _to_numpy(cm)
+        cf, cov_f = intensity_moments(fs, fs_grid, 10.0, second=True)
+        cm, cov_m = intensity_moments(ms, ms_grid, 10.0, second=True)
+        cf_np, cm_np = to_numpy(cf), to_numpy(cm)
         starts = [_about(cf_np, cm_np, r) for r in _candidate_rotations(cov_f, cov_m)]
         scored = sorted((_score(sim, fs, fs_grid, ms, ms_grid, a), i) for i, a in enumerate(starts))
         # translations of the best rotations: centroids disagree when the contents differ

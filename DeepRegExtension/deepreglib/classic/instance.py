@@ -28,7 +28,7 @@ greedy (Yushkevich et al.), measured on the ixi_muse val split (docs/BENCHMARKS.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, List, Optional, Sequence, Tuple
+from typing import Callable, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -122,7 +122,7 @@ def foreground_box(fixed: torch.Tensor, moving: torch.Tensor, threshold: float =
     return lo, hi
 
 
-def _smooth(u: torch.Tensor) -> torch.Tensor:
+def box_mean3(u: torch.Tensor) -> torch.Tensor:
     """3x3x3 mean, edges replicated; separable (three sums of three shifted views: 9 additions
     a voxel instead of ``avg_pool3d``'s 27, and elementwise, so it uses every thread; 3x faster
     forward and backward on 2 cores)."""
@@ -144,7 +144,7 @@ def unfold(u: torch.Tensor, iterations: int = 20) -> torch.Tensor:
         if not bool(bad.any()):
             break
         near = F.max_pool3d(bad.float(), 3, stride=1, padding=1) > 0
-        u = torch.where(near, _smooth(u), u)
+        u = torch.where(near, box_mean3(u), u)
     return u
 
 
@@ -230,7 +230,7 @@ def instance_register(fixed: torch.Tensor, moving: torch.Tensor,
             # step keeps jumping across the optimum and the field wanders
             optimiser.lr = level_lr * (1.0 - 0.9 * step / max(steps - 1, 1))
             optimiser.zero_grad()
-            q = _smooth(p) if schedule.smooth_parameters else p
+            q = box_mean3(p) if schedule.smooth_parameters else p
             full = resize_field(q, image_shape)
             loss = sim(warp(m_lv, full, padding="border")) + schedule.smooth_weight * smooth(q)
             loss = loss + sum(term(full, q) for term in terms)
@@ -243,7 +243,7 @@ def instance_register(fixed: torch.Tensor, moving: torch.Tensor,
             if len(history) > 10 and history[-11] - min(history[-10:]) < schedule.tol:
                 break
         with torch.no_grad():
-            u = _smooth(p.detach()) if schedule.smooth_parameters else p.detach()
+            u = box_mean3(p.detach()) if schedule.smooth_parameters else p.detach()
     u = unfold(resize_field(u, box_shape))
     pad = []
     for axis in (2, 1, 0):  # F.pad lists the last axis first

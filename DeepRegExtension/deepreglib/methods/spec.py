@@ -63,7 +63,7 @@ class LearnedInitializer:
 
     Attributes:
         function: ``"module:function"`` with the signature of
-            :data:`deepreglib.classic.align.INITIALIZERS`'s values plus ``weights=PATH``.
+            :data:`deepreglib.classic.initial.INITIALIZERS`'s values plus ``weights=PATH``.
         weights: model file stems it can use, first found wins; the choice is offered only when
             one of them is in the models folder.
         refined_by: a classic initializer (``rigid`` or ``affine``) that polishes its answer; adds

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ..classic.align import initial_transform
+from ..classic.initial import initial_transform
 from ..classic.auto import auto_transform
 from ..core.errors import BadInputError
 from ..core.geometry import Grid, voxel_grid_points

@@ -145,7 +145,15 @@ def _staging_busy(out: Path) -> List[str]:
 
 def clean_staging(out: Path) -> List[str]:
     """Remove what killed or cancelled pairs left in ``DIR/.staging`` (never a folder a live
-    process holds); returns the entries left in place."""
+    process holds), and the temporary files of a killed coordinator's atomic writes
+    (``DIR/.batch.json.tmp-*``; the caller holds ``DIR``'s lock, so no live batch writes them);
+    returns the entries left in place."""
+    for tmp in out.glob(".*.tmp-*"):
+        if tmp.is_file():
+            try:
+                tmp.unlink()
+            except OSError:
+                pass
     staging = out / STAGING
     if not staging.is_dir():
         return []

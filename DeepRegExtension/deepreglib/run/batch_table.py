@@ -251,8 +251,6 @@ def read_pairs_csv(path, defaults: Optional[Dict[str, object]] = None) -> List[B
         raise BadInputError(f"pairs table {table} does not exist")
     defaults = dict(defaults or {})
     check_defaults(defaults)
-    fields_ = option_fields()
-    base = table.resolve().parent
     try:
         with open(table, newline="", encoding="utf-8-sig") as f:
             rows = list(csv.reader(f))
@@ -262,55 +260,12 @@ def read_pairs_csv(path, defaults: Optional[Dict[str, object]] = None) -> List[B
     if not rows:
         raise BadInputError(f"pairs table {table} is empty; it needs a header row (fixed,moving,...) "
                             "and one row per registration")
-    header = [column_field(c) for c in rows[0]]
-    columns = valid_columns()
-    for raw, name in zip(rows[0], header):
-        if name in BATCH_OWNED:
-            raise BadInputError(f"{table}: column {raw.strip()!r} is set by deepreg batch itself "
-                                f"(--{name}), not per pair; remove the column")
-        if name not in columns:
-            raise BadInputError(f"{table}: unknown column {raw.strip()!r}; valid columns: "
-                                f"{', '.join(columns)}")
-    duplicated = sorted({n for n in header if header.count(n) > 1})
-    if duplicated:
-        raise BadInputError(f"{table}: column(s) {', '.join(duplicated)} appear more than once")
-    for required in ("fixed", "moving"):
-        if required not in header:
-            raise BadInputError(f"{table}: missing column {required!r}; a table needs at least "
-                                f"'fixed' and 'moving' (header read: {', '.join(rows[0])})")
+    header = _read_header(rows[0], table)
     pairs: List[BatchPair] = []
     explicit: Dict[str, int] = {}
     for line, row in enumerate(rows[1:], start=2):
-        if len(row) > len(header) and any(c.strip() for c in row[len(header):]):
-            raise BadInputError(f"{table}: row {line} has {len(row)} cells, the header {len(header)}")
-        cells = {name: value for name, value in zip(header, row) if value.strip()}
-        own: Dict[str, object] = {}
-        for name, text in cells.items():
-            if name == "id":
-                continue
-            target, negate = ALIASES.get(name, (name, False))
-            try:
-                value = convert(target, fields_[target], text)
-            except ValueError as e:
-                raise BadInputError(f"{table}: row {line}, column {name!r}: {e}") from None
-            if negate:
-                value = not value
-            if target in PATH_FIELDS:
-                value = _absolute(str(value), base)
-            own[target] = value
-        for required in ("fixed", "moving"):
-            if required not in own:
-                raise BadInputError(f"{table}: row {line} has no {required!r} file")
-        pid = cells.get("id", "").strip()
-        if pid:
-            if not _SAFE_ID.match(pid) or pid.lower() in RESERVED_IDS:
-                raise BadInputError(f"{table}: row {line}: id {pid!r} cannot name a folder; use letters, "
-                                    "digits, '.', '_' and '-' (not starting with '.'), at most 100, "
-                                    f"and none of {', '.join(RESERVED_IDS)}")
-            if pid.lower() in explicit:
-                raise BadInputError(f"{table}: id {pid!r} is on rows {explicit[pid.lower()]} and {line}; "
-                                    "ids must be unique")
-            explicit[pid.lower()] = line
+        cells, own = _read_row(row, line, header, table)
+        pid = _explicit_id(cells, line, explicit, table)
         pairs.append(BatchPair(id=pid, line=line, options=_merge(defaults, own), cells=cells))
     if not pairs:
         raise BadInputError(f"pairs table {table} has a header but no rows")
@@ -323,6 +278,72 @@ def read_pairs_csv(path, defaults: Optional[Dict[str, object]] = None) -> List[B
     for p in pairs:
         p.fingerprint = fingerprint(p.options)
     return pairs
+
+
+def _read_header(raw_header: List[str], table: Path) -> List[str]:
+    """The header's option names; an unknown, batch-owned, repeated or missing column is an error."""
+    header = [column_field(c) for c in raw_header]
+    columns = valid_columns()
+    for raw, name in zip(raw_header, header):
+        if name in BATCH_OWNED:
+            raise BadInputError(f"{table}: column {raw.strip()!r} is set by deepreg batch itself "
+                                f"(--{name}), not per pair; remove the column")
+        if name not in columns:
+            raise BadInputError(f"{table}: unknown column {raw.strip()!r}; valid columns: "
+                                f"{', '.join(columns)}")
+    duplicated = sorted({n for n in header if header.count(n) > 1})
+    if duplicated:
+        raise BadInputError(f"{table}: column(s) {', '.join(duplicated)} appear more than once")
+    for required in ("fixed", "moving"):
+        if required not in header:
+            raise BadInputError(f"{table}: missing column {required!r}; a table needs at least "
+                                f"'fixed' and 'moving' (header read: {', '.join(raw_header)})")
+    return header
+
+
+def _read_row(row: List[str], line: int, header: List[str], table: Path):
+    """``(cells, options)`` of one row: the non-empty cells by column, and their typed values by
+    option name (paths made absolute against the table's folder)."""
+    if len(row) > len(header) and any(c.strip() for c in row[len(header):]):
+        raise BadInputError(f"{table}: row {line} has {len(row)} cells, the header {len(header)}")
+    fields_ = option_fields()
+    base = table.resolve().parent
+    cells = {name: value for name, value in zip(header, row) if value.strip()}
+    own: Dict[str, object] = {}
+    for name, text in cells.items():
+        if name == "id":
+            continue
+        target, negate = ALIASES.get(name, (name, False))
+        try:
+            value = convert(target, fields_[target], text)
+        except ValueError as e:
+            raise BadInputError(f"{table}: row {line}, column {name!r}: {e}") from None
+        if negate:
+            value = not value
+        if target in PATH_FIELDS:
+            value = _absolute(str(value), base)
+        own[target] = value
+    for required in ("fixed", "moving"):
+        if required not in own:
+            raise BadInputError(f"{table}: row {line} has no {required!r} file")
+    return cells, own
+
+
+def _explicit_id(cells: Dict[str, str], line: int, explicit: Dict[str, int], table: Path) -> str:
+    """The row's own ``id`` (``""`` when none), checked as a folder name and unique (case-blind,
+    as on Windows and macOS); recorded in ``explicit``."""
+    pid = cells.get("id", "").strip()
+    if not pid:
+        return ""
+    if not _SAFE_ID.match(pid) or pid.lower() in RESERVED_IDS:
+        raise BadInputError(f"{table}: row {line}: id {pid!r} cannot name a folder; use letters, "
+                            "digits, '.', '_' and '-' (not starting with '.'), at most 100, "
+                            f"and none of {', '.join(RESERVED_IDS)}")
+    if pid.lower() in explicit:
+        raise BadInputError(f"{table}: id {pid!r} is on rows {explicit[pid.lower()]} and {line}; "
+                            "ids must be unique")
+    explicit[pid.lower()] = line
+    return pid
 
 
 def template_pairs(template, moving_glob: str, defaults: Optional[Dict[str, object]] = None,

@@ -181,6 +181,34 @@ def _worker_threads(worker, by_worker: Optional[dict] = None) -> int:
 
 
 # -- one pair ---------------------------------------------------------------------------------
+def _announce(worker, task: dict, result: dict) -> None:
+    """On Dask, tell the coordinator that the pair started (its progress bar; best effort)."""
+    if worker is None or not task.get("topic"):
+        return
+    try:
+        worker.log_event(task["topic"], {"pair": task["id"], "state": "started", "attempt": result["attempt"],
+                                         "pid": os.getpid(), "host": result["host"]})
+    except Exception:  # noqa: BLE001 - progress only
+        pass
+
+
+def _publish(task: dict, result: dict, stage_out: Path, final: Path, seconds: float) -> None:
+    """Write the pair's record into its finished staging folder, then rename the folder to
+    ``DIR/ID`` (atomic on one file system). Another attempt that finished first wins."""
+    write_json_atomic(stage_out / PAIR_RECORD, {
+        "format": PAIR_RECORD_FORMAT, "id": task["id"], "fingerprint": task["fingerprint"],
+        "attempt": result["attempt"], "seconds": seconds,
+        "finished": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "worker": {"pid": os.getpid(), "host": result["host"], "threads": result["threads"]},
+        "cells": task.get("cells", {}), "options": task["options"]})
+    try:
+        os.rename(str(stage_out), str(final))
+    except OSError:
+        if not pair_complete(final, task["fingerprint"])[0]:
+            raise
+        shutil.rmtree(str(stage_out), ignore_errors=True)
+
+
 def run_pair(task: dict) -> dict:
     """Register one pair of a batch into ``DIR/ID`` (module docstring). ``task``: ``id``,
     ``out_dir``, ``options`` (RegisterOptions fields), ``fingerprint``, ``attempt``,
@@ -200,12 +228,7 @@ def run_pair(task: dict) -> dict:
                                       if worker is not None else None)
     result = {"id": pid, "attempt": task.get("attempt", 1), "pid": os.getpid(), "host": socket.gethostname(),
               "threads": threads}
-    if worker is not None and task.get("topic"):
-        try:
-            worker.log_event(task["topic"], {"pair": pid, "state": "started", "attempt": result["attempt"],
-                                             "pid": os.getpid(), "host": result["host"]})
-        except Exception:  # noqa: BLE001 - progress only
-            pass
+    _announce(worker, task, result)
     done, _why = pair_complete(final, task["fingerprint"])
     if done:  # e.g. a task Dask ran again after its worker died just after the rename
         return dict(result, status="done", seconds=0.0, reused=True)
@@ -226,18 +249,7 @@ def run_pair(task: dict) -> dict:
         opts = RegisterOptions(out=str(stage_out), threads=threads, **task["options"])
         register(opts, SilentReporter(), cancel=cancel)
         seconds = time.perf_counter() - t0
-        write_json_atomic(stage_out / PAIR_RECORD, {
-            "format": PAIR_RECORD_FORMAT, "id": pid, "fingerprint": task["fingerprint"],
-            "attempt": result["attempt"], "seconds": seconds,
-            "finished": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "worker": {"pid": os.getpid(), "host": result["host"], "threads": threads},
-            "cells": task.get("cells", {}), "options": task["options"]})
-        try:
-            os.rename(str(stage_out), str(final))
-        except OSError:
-            if not pair_complete(final, task["fingerprint"])[0]:
-                raise
-            shutil.rmtree(str(stage_out), ignore_errors=True)  # another attempt finished first
+        _publish(task, result, stage_out, final, seconds)
         return dict(result, status="done", seconds=seconds, weight_file_reads=sum(WEIGHT_FILE_READS.values()))
     except CancelledError as e:
         shutil.rmtree(str(stage_out), ignore_errors=True)

@@ -49,7 +49,7 @@ def runnable_threads() -> Optional[List[Tuple[int, int]]]:
     return out
 
 
-def _runnable_others() -> Optional[float]:
+def runnable_others() -> Optional[float]:
     """How many other threads want a CPU now and are not nicer than this process: a nicer task
     yields its core to ours (CFS weight 15 at nice 19 against 1024 at nice 0), so a background job
     at ``nice -n 19`` does not count. On Linux from :func:`runnable_threads`; else the 1-minute
@@ -77,7 +77,7 @@ def choose_wait_policy(threads: Optional[int], cores: Optional[int] = None,
     ``cores``, else ``"PASSIVE"``; ``"PASSIVE"`` as well when the load cannot be read."""
     cores = cores or os.cpu_count() or 1
     want = cores if not threads else min(int(threads), cores)
-    busy = (others or _runnable_others)()
+    busy = (others or runnable_others)()
     if busy is None:
         return "PASSIVE"
     return "default" if busy + want <= cores + 0.5 else "PASSIVE"

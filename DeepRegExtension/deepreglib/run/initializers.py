@@ -1,7 +1,7 @@
-"""The ``--init`` choices of a run: the classic ones (:mod:`deepreglib.classic.align`) and the
+"""The ``--init`` choices of a run: the classic ones (:mod:`deepreglib.classic.initial`) and the
 learned ones the methods' specs offer (``--init dnet``, ``same-affine``, and each refined by the
 iterative registration, ``dnet+rigid``, ``same-affine+affine``), registered with
-:func:`deepreglib.classic.align.register_initializer` when their weights are shipped.
+:func:`deepreglib.classic.initial.register_initializer` when their weights are shipped.
 
 Nothing is registered at import: :func:`register_learned_initializers` does it, and
 :func:`init_choices` calls it.
@@ -12,7 +12,7 @@ from functools import partial
 from pathlib import Path
 from typing import List, Optional
 
-from ..classic.align import INITIALIZERS, register_initializer
+from ..classic.initial import INITIALIZERS, register_initializer
 from ..io.models import models_dir
 from ..methods.registry import learned_initializers, resolve
 

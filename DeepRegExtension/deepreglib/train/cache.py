@@ -2,7 +2,7 @@
 grid (``deepreg train-cache``; issue 17's campaign).
 
 Every subject of a ``train`` (or ``val``) split is registered affinely, with the engine's own
-alignment (:func:`deepreglib.classic.align.initial_transform`, ``affine``), to one reference
+alignment (:func:`deepreglib.classic.initial.initial_transform`, ``affine``), to one reference
 subject of the IXI ``train`` split, and resampled onto the reference grid: an axis-aligned LPS
 grid of ``shape`` voxels at ``spacing`` mm centred on the reference brain. Any two cached subjects
 are then roughly aligned, as the pipeline's ``--init affine`` leaves a pair, and a network
@@ -76,7 +76,7 @@ def build_cache(data_root, out, shape: Sequence[int] = (64, 80, 64), spacing: fl
     """Align and cache the subjects of ``datasets``; subjects already cached (same settings) are
     kept, so an interrupted build resumes. Returns the path of ``cache.json``."""
     import SimpleITK as sitk
-    from ..classic.align import initial_transform
+    from ..classic.initial import initial_transform
     from ..core.preprocess import normalize_intensity
     from ..core.resample import resample_to_grid
     from ..io.images import image_to_tensor, read_image, read_labels

@@ -48,7 +48,7 @@ def load_same_model(path, device) -> Tuple[torch.nn.Module, dict]:
     return load_network(path, device, SAME_NETWORKS, SAME_WHAT, cached=True)
 
 
-def _sam_of(model):
+def sam_of(model):
     return model.sam if hasattr(model, "sam") else model
 
 
@@ -135,7 +135,7 @@ class SAMEMethod(Method):
         self.divisor = max(self.divisor, getattr(self.model, "divisor", 16))
 
     def run(self, fixed, moving, grid: Grid, ctx: RunContext) -> SAMEResult:
-        sam = _sam_of(self.model)
+        sam = sam_of(self.model)
         shape, fshape = grid.shape, feature_shape(grid.shape)
         result = SAMEResult(grid=grid)
         ctx.check()
@@ -249,7 +249,7 @@ def _facing_grid(image: Grid, direction, spacing: float, divisor: int) -> Grid:
     return Grid(g.shape, g.spacing, tuple(float(v) for v in origin), g.direction)
 
 
-def _embed_on_own_grids(sam, fixed, fixed_grid: Grid, moving, moving_grid: Grid, max_size: int, device):
+def embed_on_own_grids(sam, fixed, fixed_grid: Grid, moving, moving_grid: Grid, max_size: int, device):
     """Each image on an isotropic grid of its own (SAME's network grid), one common spacing, both
     facing the *fixed* image's direction: SAM compares embeddings of the two views, and a moving
     file stored in another voxel order (say RAS against LPS, a reflection) would otherwise be seen
@@ -280,13 +280,13 @@ def same_affine_initializer(fixed, fixed_grid: Grid, moving, moving_grid: Grid, 
         if not weights.is_file():
             weights = shipped_weights(WEIGHTS_STEM)
     model, _ = load_same_model(weights, device)
-    sam = _sam_of(model)
+    sam = sam_of(model)
     if cancel is not None and cancel():
         from ...core.errors import CancelledError
         raise CancelledError("initial alignment cancelled")
     if progress is not None:
         progress(0.2, "SAM embeddings")
-    f_img, g_f, e_f, g_m, e_m = _embed_on_own_grids(sam, fixed, fixed_grid, moving, moving_grid, max_size, device)
+    f_img, g_f, e_f, g_m, e_m = embed_on_own_grids(sam, fixed, fixed_grid, moving, moving_grid, max_size, device)
     points = lattice_points(body_mask(f_img), stride)
     if progress is not None:
         progress(0.7, "SAM-affine matching")
