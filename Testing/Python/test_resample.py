@@ -197,3 +197,19 @@ def test_gaussian_blur_preserves_mass_of_an_interior_blob():
     y = gaussian_blur(x, 1.5)
     assert abs(float(y.sum()) - 1.0) < 1e-5
     assert float(y[0, 0, 10, 10, 10]) < 0.1
+
+
+def test_intensity_normalisation_uses_the_percentiles_torch_defines():
+    """``normalize_intensity`` maps the 0.5th and 99.5th percentiles (linear interpolation, as
+    ``torch.quantile``) to 0 and 1, with or without a mask, and clips outside."""
+    import torch
+    from deepreglib.core.preprocess import normalize_intensity
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(1, 1, 23, 31, 37, generator=g) ** 3 * 4000 - 100
+    mask = torch.zeros_like(x, dtype=torch.bool)
+    mask[..., 3:20, 5:25, 4:30] = True
+    for m in (None, mask):
+        v = x[m] if m is not None else x.reshape(-1)
+        lo, hi = torch.quantile(v, 0.005), torch.quantile(v, 0.995)
+        expected = ((x - lo) / (hi - lo)).clamp(0, 1)
+        assert torch.allclose(normalize_intensity(x, mask=m), expected, rtol=0, atol=1e-6)

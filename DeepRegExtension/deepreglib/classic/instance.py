@@ -90,12 +90,14 @@ class Schedule:
 
 
 #: The ``balanced`` preset, from an affine start: the field of the finest level on a 2x coarser
-#: grid. On the ixi_muse val split (3 pairs, labels on the network grid) mean Dice 0.634 from
-#: 0.504 after ``--init auto``, no folding.
-FROM_AFFINE = Schedule(tol=1e-3)
+#: grid, diffusion weight 4. On the ixi_muse val split (3 pairs, labels on the fixed grid;
+#: benchmarks/results/instance-tuning-2026-12-06.json) Dice 0.696 and SDlogJ 0.127, against
+#: 0.696 and 0.193 with weight 1 (2: 0.699 and 0.161), no folding.
+FROM_AFFINE = Schedule(tol=1e-3, smooth_weight=4.0)
 #: Refining a network's field (its large motion is already found): the two finest levels.
 FROM_NETWORK = Schedule(levels=(2, 1), steps=(30, 15), tol=1e-3)
-#: The ``accurate`` preset: the field at full resolution, more steps (val Dice 0.665).
+#: The ``accurate`` preset: the field at full resolution, more steps, diffusion weight 1 (val Dice
+#: 0.711, SDlogJ 0.177; with weight 4: 0.705 and 0.130).
 ACCURATE = Schedule(levels=(4, 2, 1), steps=(60, 50, 30), field_factor=1)
 #: By name (the ``instance`` method's ``schedule`` option).
 SCHEDULES = {"balanced": FROM_AFFINE, "accurate": ACCURATE, "from_network": FROM_NETWORK}

