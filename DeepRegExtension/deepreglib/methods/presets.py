@@ -36,7 +36,7 @@ class Preset:
 PRESETS: Dict[str, Preset] = {p.name: p for p in (
     Preset("fast", "Fast", "Automatic alignment, then the VoxelMorph network: a first look in seconds.",
            init="auto", method="voxelmorph",
-           expected_seconds={"cpu": 5.6}, measured="benchmarks/results/accuracy-2026-12-06-real-pairs-20.json"),
+           expected_seconds={"cpu": 4.5}, measured="benchmarks/results/accuracy-2026-12-06-real-pairs-20.json"),
     Preset("balanced", "Balanced (recommended)",
            "Automatic alignment, then the fast instance optimiser on the pair: on 20 unaligned "
            "brain pairs as accurate as greedy and more than ANTs SyN, in under half SyN's time.",
