@@ -40,7 +40,7 @@ def carnet_loss(model, batch, args):
 
 
 CARNET = TrainingRecipe(
-    build=build_carnet, loss=carnet_loss, lr=1e-4, terms=("ncc_loss", "kl", "dice_loss"),
+    build=build_carnet, loss=carnet_loss, lr=1e-4, terms=("ncc_loss", "kl", "dice_loss"), channels_last=True,
     description=f"CAR-Net: {NCC_WEIGHT:g} * (1 - local NCC, window 9) + {KL_WEIGHT:g} * reg_weight * "
                 f"KL(posterior || Laplacian prior, lambda {PRIOR_LAMBDA:g}) of a sampled velocity, "
                 "+ label_weight * (1 - Dice) of synthetic label maps when label_weight > 0")

@@ -20,6 +20,6 @@ def _voxelmorph_loss(model, batch, args):
 
 
 VOXELMORPH = TrainingRecipe(
-    build=_build_voxelmorph, loss=_voxelmorph_loss, lr=1e-4, terms=("ncc_loss", "grad", "dice_loss"),
+    build=_build_voxelmorph, loss=_voxelmorph_loss, lr=1e-4, terms=("ncc_loss", "grad", "dice_loss"), channels_last=True,
     description="diffeomorphic VoxelMorph: local NCC (window 9) + reg_weight * gradient smoothness of the "
                 "displacement, + label_weight * (1 - Dice) of synthetic label maps when label_weight > 0")
