@@ -186,13 +186,23 @@ def test_channels_last_training_gives_the_weights_of_the_plain_layout(tmp_path, 
     results = {}
     for flag in (True, False):
         patched = dict(recipes)
-        patched[method] = dataclasses.replace(recipes[method], channels_last=flag)
+        seen = []
+
+        def loss(model, batch, args, _loss=recipes[method].loss, _seen=seen):
+            # (a 1-channel volume is the same in both layouts: the weights say which one runs)
+            weight = next(p for p in model.parameters() if p.ndim == 5 and p.shape[1] > 1)
+            _seen.append(weight.is_contiguous(memory_format=torch.channels_last_3d)
+                         and not weight.is_contiguous())
+            return _loss(model, batch, args)
+
+        patched[method] = dataclasses.replace(recipes[method], channels_last=flag, loss=loss)
         monkeypatch.setattr(registry, "training_recipes", lambda p=patched: p)
         out = tmp_path / f"run-{flag}"
         torch.manual_seed(0)
         assert cli_main(["train", method, "--out", str(out), "--steps", "2", "--shape", "32", "32", "32",
                          "--threads", "1", "--checkpoint-every", "2", "--log-every", "100", "--lr", "1e-3",
                          "--synth-bank", "2", "--export", str(tmp_path / f"model-{flag}")]) == 0
+        assert seen == [flag, flag]  # the network trained in the layout asked for
         results[flag] = torch.load(out / "checkpoint.pt", weights_only=True)["model"]
         load_model(tmp_path / f"model-{flag}.pt")
     for k, v in results[False].items():

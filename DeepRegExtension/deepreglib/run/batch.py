@@ -146,9 +146,9 @@ def _staging_busy(out: Path) -> List[str]:
 def clean_staging(out: Path) -> List[str]:
     """Remove what killed or cancelled pairs left in ``DIR/.staging`` (never a folder a live
     process holds), and the temporary files of a killed coordinator's atomic writes
-    (``DIR/.batch.json.tmp-*``; the caller holds ``DIR``'s lock, so no live batch writes them);
-    returns the entries left in place."""
-    for tmp in out.glob(".*.tmp-*"):
+    (``write_json_atomic``'s ``DIR/.NAME.json.tmp-PID-TID``; the caller holds ``DIR``'s lock, so
+    no live batch writes them); returns the entries left in place."""
+    for tmp in out.glob(".*.json.tmp-*"):
         if tmp.is_file():
             try:
                 tmp.unlink()

@@ -1,6 +1,9 @@
 """The ``voxelmorph`` method: the shipped diffeomorphic VoxelMorph weights, one forward pass."""
 from __future__ import annotations
 
+import copy
+import weakref
+
 import torch
 
 from ..base import Method, MethodResult, RunContext
@@ -19,7 +22,7 @@ class VoxelMorphMethod(Method):
         ctx.check()
         ctx.progress(0.1, "network forward pass")
         with torch.inference_mode():
-            model, moving, fixed = self.model, moving, fixed
+            model = self.model
             if self.channels_last:
                 fmt = torch.channels_last_3d
                 model = _channels_last_copy(self.model)
@@ -34,12 +37,13 @@ class VoxelMorphMethod(Method):
                                   "int_downsize": self.model.int_downsize})
 
 
+#: loaded model -> its channels-last copy (the loaded model may be cached and shared, so it is not
+#: changed in place; the copy goes when the model does)
+_CHANNELS_LAST: "weakref.WeakKeyDictionary[torch.nn.Module, torch.nn.Module]" = weakref.WeakKeyDictionary()
+
+
 def _channels_last_copy(model: torch.nn.Module) -> torch.nn.Module:
-    """The model with its 5D weights in channels-last order, made once per loaded model (the
-    shipped model may be cached and shared, so it is not changed in place)."""
-    cached = getattr(model, "_deepreg_channels_last", None)
-    if cached is None:
-        import copy
-        cached = copy.deepcopy(model).to(memory_format=torch.channels_last_3d)
-        object.__setattr__(model, "_deepreg_channels_last", cached)
-    return cached
+    """The model with its 5D weights in channels-last order, made once per loaded model."""
+    if model not in _CHANNELS_LAST:
+        _CHANNELS_LAST[model] = copy.deepcopy(model).to(memory_format=torch.channels_last_3d)
+    return _CHANNELS_LAST[model]
