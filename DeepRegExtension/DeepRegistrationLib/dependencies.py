@@ -17,7 +17,7 @@ from typing import Callable, List, Optional
 #: (import name, pip requirement) the engine needs besides torch. SimpleITK and numpy ship with
 #: Slicer; they are listed so a broken environment is reported rather than failing in the worker.
 ENGINE_REQUIREMENTS = (("numpy", "numpy>=1.21"), ("SimpleITK", "SimpleITK>=2.2"),
-                       ("scipy", "scipy>=1.7"), ("matplotlib", "matplotlib>=3.5"))
+                       ("scipy", "scipy>=1.7"), ("PIL", "pillow>=8.0"), ("matplotlib", "matplotlib>=3.5"))
 TORCH_REQUIREMENT = "torch>=2.1"
 
 

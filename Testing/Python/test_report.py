@@ -12,6 +12,7 @@ import SimpleITK as sitk
 import torch
 
 from deepreglib.report import qa as report
+from deepreglib.report import qa_page, qa_text
 from deepreglib.core.errors import BadInputError
 from deepreglib.core.geometry import Grid, displacement_voxel_to_mm
 
@@ -42,8 +43,8 @@ def _read(path):
 
 def _cell_px(shape, spacing, row, col, margin=3):
     """Pixel rows/cols of panel (row, col) as the report lays it out, shrunk by ``margin``."""
-    lay = report._Layout.for_volume(shape, np.asarray(spacing, dtype=np.float64))
-    x, y, w, h = (v * report._DPI for v in lay.cell(row, col))
+    lay = qa_page.Layout.for_volume(shape, np.asarray(spacing, dtype=np.float64))
+    x, y, w, h = (v * qa_page.DPI for v in lay.cell(row, col))
     return (slice(int(math.ceil(y)) + margin, int(y + h) - margin),
             slice(int(math.ceil(x)) + margin, int(x + w) - margin))
 
@@ -135,7 +136,7 @@ def test_folding_voxels_show_magenta_in_the_jacobian_panel(renders):
 
 
 def test_folding_overlay_includes_det_equal_zero():
-    rgba = report._folding_overlay(np.array([[-1.0, 0.0], [1e-6, 2.0]]), 1.0)
+    rgba = qa_page.folding_overlay(np.array([[-1.0, 0.0], [1e-6, 2.0]]), 1.0)
     np.testing.assert_array_equal(rgba[..., 3], [[1, 1], [0, 0]])
     np.testing.assert_array_equal(rgba[0, 1, :3], report.FOLDING_RGB)
 
@@ -200,7 +201,7 @@ def test_bad_input_raises_value_error(tmp_path, kwargs, match):
 
 
 def test_metric_rows_pair_before_and_after_and_format_units():
-    rows = dict(report._metric_rows({
+    rows = dict(qa_text.metric_rows({
         "ncc_before": 0.51234, "ncc_after": 0.9,
         "dice": {"before": 0.7, "after": 0.85}, "folding_fraction": 0.0025,
         "time": 12.345, "method": "carnet", "sdlogj": 0.0812, "tre_before_mm": 5.25,

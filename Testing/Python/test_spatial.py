@@ -118,6 +118,23 @@ def test_resize_field_keeps_affine_fields_exact():
     assert torch.allclose(big, expected, atol=1e-9)
 
 
+@pytest.mark.parametrize("old,new", [((5, 6, 4), (9, 11, 7)), ((9, 11, 7), (5, 6, 4)),
+                                     ((3, 1, 4), (5, 4, 4)), ((2, 2, 2), (2, 5, 3))])
+def test_resize_field_on_the_cpu_is_trilinear_interpolation_values_and_gradients(old, new):
+    """The CPU path (three matrix products) gives F.interpolate's numbers, and its gradient."""
+    import torch.nn.functional as F
+    g = torch.Generator().manual_seed(3)
+    u = torch.randn(2, 3, *old, generator=g, dtype=torch.float64, requires_grad=True)
+    scale = torch.tensor([(n - 1) / (o - 1) if o > 1 else 1.0 for n, o in zip(new, old)], dtype=u.dtype)
+    ref = F.interpolate(u, size=new, mode="trilinear", align_corners=True) * scale.view(1, 3, 1, 1, 1)
+    out = resize_field(u, new)
+    assert torch.allclose(out, ref, atol=1e-12)
+    w = torch.randn(ref.shape, generator=g, dtype=u.dtype)
+    g_out, = torch.autograd.grad((out * w).sum(), u)
+    g_ref, = torch.autograd.grad((ref * w).sum(), u)
+    assert torch.allclose(g_out, g_ref, atol=1e-12)
+
+
 def test_affine_to_field_translation():
     m = np.eye(4)
     m[:3, 3] = [1.0, 2.0, 3.0]

@@ -65,8 +65,41 @@ def resize_field(u: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
                             dtype=u.dtype, device=u.device)
     if tuple(old) == shape:
         return u
+    if u.device.type == "cpu" and ALIGN_CORNERS:
+        return _separable_resize(u, shape, scale)
     out = F.interpolate(u, size=shape, mode="trilinear", align_corners=ALIGN_CORNERS)
     return out * scale.view(1, 3, 1, 1, 1)
+
+
+def _linear_weights(n_out: int, n_in: int, dtype: torch.dtype) -> torch.Tensor:
+    """``(n_out, n_in)`` linear interpolation from ``n_in`` samples to ``n_out`` over the same
+    extent (first to last sample, align-corners): each row holds two weights summing to 1."""
+    m = torch.zeros(n_out, n_in, dtype=torch.float64)
+    rows = torch.arange(n_out)
+    if n_in == 1:
+        m[:, 0] = 1.0
+        return m.to(dtype)
+    pos = rows.to(torch.float64) * ((n_in - 1) / max(n_out - 1, 1))
+    i0 = pos.floor().clamp(max=n_in - 2).long()
+    t = pos - i0
+    m[rows, i0] = 1.0 - t
+    m[rows, i0 + 1] += t
+    return m.to(dtype)
+
+
+def _separable_resize(u: torch.Tensor, shape: Sequence[int], scale: torch.Tensor) -> torch.Tensor:
+    """Trilinear resize (align-corners) as three small matrix products, one per axis, the
+    component scale folded into the last: the same numbers as ``F.interpolate`` to float
+    rounding, and on the CPU 2.7x faster forward and backward (the instance optimiser resizes
+    its field at every step; benchmarks/cpu_kernels.py)."""
+    n, c, d, h, w = u.shape
+    D, H, W = shape
+    md, mh, mw = (_linear_weights(a, b, u.dtype) for a, b in zip(shape, (d, h, w)))
+    x = torch.matmul(u, mw.t())                                  # (n, c, d, h, W)
+    x = torch.matmul(mh, x)                                      # (n, c, d, H, W)
+    per_component = md.unsqueeze(0) * scale.view(c, 1, 1)        # (c, D, d)
+    x = torch.matmul(per_component, x.reshape(n, c, d, H * W))   # (n, c, D, H*W)
+    return x.reshape(n, c, D, H, W)
 
 
 def affine_to_field(matrix_kji: np.ndarray, shape: Sequence[int], dtype=torch.float32,

@@ -128,25 +128,45 @@ BOX_FILTERS = ("conv", "cumsum")
 def box_sum_cumsum(x: torch.Tensor, window: Tuple[int, int, int]) -> torch.Tensor:
     """Sum of ``x`` ``(N, C, D, H, W)`` over a box window at every voxel, windows cut at the
     border (as ``_separable_filter(..., padded=True)``: a window of even length reaches one
-    voxel further forward than back), by running sums along each axis."""
+    voxel further forward than back), by running sums along each axis.
+
+    Differentiable through :class:`_BoxSum`: the adjoint of a cut box sum is the box sum with
+    the window mirrored (the same one for odd lengths), so the backward pass costs what the
+    forward does (2x faster forward and backward than autograd through ``cumsum``, whose
+    backward flips and cumsums again; benchmarks/cpu_kernels.py)."""
+    return _BoxSum.apply(x, tuple(int(w) for w in window), False)
+
+
+def _running_box_sum(x: torch.Tensor, window: Tuple[int, ...], mirrored: bool) -> torch.Tensor:
+    """The box sum itself (no autograd): per axis, one zero-padded copy, its running sum in
+    place, and one difference. ``mirrored`` swaps the window's reach back and forward."""
     for axis, w in enumerate(window):
-        n = x.shape[2 + axis]
+        dim = 2 + axis
+        n = x.shape[dim]
         w = min(w, n)
         if w == 1:
             continue
-        dim = 2 + axis
         back, forward = (w - 1) // 2, w // 2
-        c = torch.cumsum(x, dim)  # c[i] = x[0] + ... + x[i]
-        # window sum at i = c[min(i + forward, n - 1)] - c[i - back - 1] (0 before the start)
-        upper = c.narrow(dim, forward, n - forward)
-        if forward:
-            size = list(c.shape)
-            size[dim] = forward
-            upper = torch.cat([upper, c.narrow(dim, n - 1, 1).expand(size)], dim)
-        lower = c.narrow(dim, 0, n - back - 1)
-        lower = torch.cat([torch.zeros_like(c.narrow(dim, 0, back + 1)), lower], dim)
-        x = upper - lower
+        if mirrored:
+            back, forward = forward, back
+        pad = [0] * 6
+        # F.pad lists the last axis first; one zero more in front, so that sum[i] = c[i + w] - c[i]
+        pad[2 * (2 - axis)], pad[2 * (2 - axis) + 1] = back + 1, forward
+        c = F.pad(x, pad)
+        torch.cumsum(c, dim, out=c)
+        x = torch.sub(c.narrow(dim, w, n), c.narrow(dim, 0, n))
     return x
+
+
+class _BoxSum(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, window, mirrored):
+        ctx.window, ctx.mirrored = window, mirrored
+        return _running_box_sum(x, window, mirrored)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _BoxSum.apply(grad.contiguous(), ctx.window, not ctx.mirrored), None, None
 
 
 def _box_counts(shape: Sequence[int], window: Tuple[int, int, int], like: torch.Tensor) -> torch.Tensor:
