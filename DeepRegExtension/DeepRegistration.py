@@ -101,6 +101,8 @@ if _HAS_PARAMETER_WRAPPER:
         fixedVolume: slicer.vtkMRMLScalarVolumeNode
         movingVolume: slicer.vtkMRMLScalarVolumeNode
         preset: str = DEFAULT_PRESET
+        #: the images have different contrasts (MR to ultrasound, MR to CT): ``--contrast different``
+        differentContrast: bool = False
         method: str = PRESETS[DEFAULT_PRESET].method
         device: str = DEVICE_AUTO
         refineSteps: Annotated[int, WithinRange(0, 1000)] = 0
@@ -617,7 +619,8 @@ class DeepRegistrationLogic(ScriptedLoadableModuleLogic):
               outputTransform=None, createWarped: bool = True, createJacobian: bool = True,
               createInverse: bool = True, showMethodOutputs: bool = True,
               keepTemporaryFiles: bool = False, queryPoint=None, methodOptions: str = "",
-              python: Optional[str] = None, preset: Optional[str] = None) -> RegistrationRun:
+              python: Optional[str] = None, preset: Optional[str] = None,
+              differentContrast: bool = False) -> RegistrationRun:
         """Write the inputs and start the worker; returns at once with a :class:`RegistrationRun`.
 
         ``preset``: ``"fast"``, ``"balanced"`` or ``"accurate"`` (``deepreglib.methods.presets``)
@@ -625,6 +628,10 @@ class DeepRegistrationLogic(ScriptedLoadableModuleLogic):
         the method's options, so ``method``, ``initialization``, ``refineSteps``,
         ``methodOptions`` and ``queryPoint`` are not used (a note says so for a query point).
         ``None`` or ``"custom"``: ``method`` with these options, as before presets.
+
+        ``differentContrast``: the two volumes show different contrasts (MR to ultrasound, MR
+        to CT): the worker aligns them by mutual information and the balanced and accurate
+        presets optimise MIND-SSC (``--contrast different``).
 
         ``queryPoint``: a point list whose first point is the fixed-image point whose attention
         or similarity map the method draws (CAR-Net, D-Net, SAME: method option
@@ -661,10 +668,13 @@ class DeepRegistrationLogic(ScriptedLoadableModuleLogic):
                 os.path.join(temp_dir, "inputs"), fixedVolume, movingVolume, fixed_mask=fixedMask,
                 moving_mask=movingMask, fixed_landmarks=fixedLandmarks, moving_landmarks=movingLandmarks,
                 initial_transform=initialTransform)
+            options = dict(inputs.options())
+            if differentContrast:
+                options["contrast"] = "different"
             cmd = register_command(inputs.files["fixed"], inputs.files["moving"],
                                    os.path.join(temp_dir, "out"), method, python=python or default_python(),
                                    device=device, refine=refineSteps, init=initialization,
-                                   options=inputs.options(), flags=("no-qa",),
+                                   options=options, flags=("no-qa",),
                                    method_options=method_options, preset=preset)
             worker = WorkerProcess(cmd, env=self.workerEnvironment(), cwd=temp_dir).start()
         except Exception:
@@ -697,7 +707,8 @@ class DeepRegistrationLogic(ScriptedLoadableModuleLogic):
             outputTransform=p.outputTransform, createWarped=p.outputVolume is not None,
             createJacobian=p.createJacobian,
             createInverse=p.createInverse, showMethodOutputs=p.showMethodOutputs,
-            keepTemporaryFiles=p.keepTemporaryFiles, queryPoint=p.queryPoint, methodOptions=p.methodOptions)
+            keepTemporaryFiles=p.keepTemporaryFiles, queryPoint=p.queryPoint, methodOptions=p.methodOptions,
+            differentContrast=p.differentContrast)
 
 
 #

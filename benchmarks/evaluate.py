@@ -98,6 +98,10 @@ def engine_configs(refine: int, quiet: bool = False) -> Dict[str, dict]:
         if name == METHOD_OF_PRESETS:  # the presets, as a user runs them (QA picture on)
             for preset in PRESETS:
                 out[f"preset-{preset}"] = {"kind": "engine", "name": None, "preset": preset, "refine": 0, "qa": True}
+            # `--contrast different` (MR to ultrasound): mutual information alignment, MIND-SSC
+            for preset in ("balanced", "accurate"):
+                out[f"preset-{preset}-different"] = {"kind": "engine", "name": None, "preset": preset,
+                                                     "refine": 0, "qa": True, "contrast": "different"}
         # refinement optimises a field: a rigid/affine method's run would ignore it
         if refine > 0 and info.supports_refine and info.kind == "deformable":
             out[f"{name}+refine"] = {"kind": "engine", "name": name, "refine": refine}

@@ -12,7 +12,8 @@ result of ``evaluate.py`` adds the start-up and imports.
 
 SPEC keys: ``kind`` (``engine`` or ``peer``), ``name`` (method or peer name; None for a preset),
 ``fixed``, ``moving``, ``out`` (a new folder), and for engine runs ``preset``, ``refine``,
-``device``, ``threads``, ``qa`` (presets run as users run them: QA picture drawn).
+``device``, ``threads``, ``qa`` (presets run as users run them: QA picture drawn), ``contrast``
+(``same`` or ``different``, the run's ``--contrast``).
 Imports are kept inside the branches: a peer's process never imports torch.
 """
 from __future__ import annotations
@@ -51,7 +52,8 @@ def run_engine(spec: dict) -> dict:
     opts = RegisterOptions(fixed=spec["fixed"], moving=spec["moving"], out=spec["out"], method=spec.get("name"),
                            preset=spec.get("preset"), device=spec.get("device", "cpu"),
                            refine=int(spec.get("refine", 0)), qa=bool(spec.get("qa", False)),
-                           threads=spec.get("threads"), weights=spec.get("weights"))
+                           threads=spec.get("threads"), weights=spec.get("weights"),
+                           contrast=spec.get("contrast", "same"))
     t0 = time.perf_counter()
     manifest_path = register(opts)
     wall = time.perf_counter() - t0

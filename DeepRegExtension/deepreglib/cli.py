@@ -58,6 +58,10 @@ def _register_parser(sub) -> None:
     p.add_argument("--method-option", action="append", default=[], metavar="KEY=VALUE",
                    help="an option of the method (repeatable); VALUE is read as JSON when it parses, "
                         "e.g. query_point=[10.5,-3,22] or uncertainty_samples=16")
+    p.add_argument("--contrast", default="same", choices=("same", "different"),
+                   help="same: both images of one contrast (e.g. T1 MRs, any scanners); different: MR to "
+                        "ultrasound, MR to CT (the alignment uses mutual information, the balanced and "
+                        "accurate presets MIND-SSC)")
     p.add_argument("--no-qa", action="store_true", help="do not draw qa.png")
     p.add_argument("--no-cpu-fallback", action="store_true", help="fail instead of retrying on the CPU after CUDA OOM")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
@@ -74,7 +78,7 @@ def _cmd_register(args, reporter) -> int:
         fixed_mask=args.fixed_mask, moving_mask=args.moving_mask, fixed_labels=args.fixed_labels,
         moving_labels=args.moving_labels, fixed_landmarks=args.fixed_landmarks,
         moving_landmarks=args.moving_landmarks, weights=args.weights, qa=not args.no_qa,
-        cpu_fallback=not args.no_cpu_fallback, threads=args.threads,
+        cpu_fallback=not args.no_cpu_fallback, threads=args.threads, contrast=args.contrast,
         method_options=parse_method_options(args.method_option))
     manifest = register(opts, reporter, cancel=lambda: bool(_CANCEL_REQUESTED))
     reporter.result(str(manifest))

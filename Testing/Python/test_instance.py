@@ -67,6 +67,29 @@ def test_known_deformation_is_recovered():
     assert float((jacobian_determinant(u) <= 0).float().mean()) == 0.0
 
 
+def test_a_different_contrast_is_recovered_with_mind_and_not_with_local_ncc():
+    """The moving image of the test above with its contrast turned upside down inside the object
+    (bright becomes dark, as between T1 and T2 MR or MR and CT): local NCC pulls the field the
+    wrong way (median error 4.3 voxels, from 1.6 before), MIND-SSC recovers it as well as local
+    NCC does the same-contrast pair (0.76 measured; 0.68 for local NCC on the same contrast)."""
+    from deepreglib.core.fields import invert_displacement
+    f = _blobs()
+    truth = _smooth_field(f.shape[2:], 3.0)
+    m = warp(f, -truth)
+    inverted = torch.where(m > 0.05, 1.0 - m, torch.zeros_like(m))
+    want = invert_displacement(-truth, iterations=50)
+    inside = f[0, 0] > 0
+    before = float(want.norm(dim=1)[0][inside].median())
+    errors = {}
+    for similarity in ("mind", "lncc"):
+        u = instance_register(f, inverted, similarity=similarity)
+        errors[similarity] = float((u - want).norm(dim=1)[0][inside].median())
+    assert errors["mind"] < 0.9 and errors["mind"] < 0.6 * before, (errors, before)
+    assert errors["lncc"] > before, (errors, before)
+    with pytest.raises(ValueError, match="similarity must be one of"):
+        instance_register(f, inverted, similarity="mi")
+
+
 def test_start_field_and_cancel_and_checks():
     f = _blobs()
     truth = _smooth_field(f.shape[2:], 2.0)

@@ -34,6 +34,10 @@ def test_every_preset_names_a_registered_method_with_a_measured_time():
     ({"preset": "accurate", "method_options": {"schedule": "balanced"}}, "instance", "accurate", "auto",
      {"schedule": "balanced"}),                                          # explicit options win
     ({"weights": "my.pt"}, "voxelmorph", None, "auto", {}),            # weights name the default network
+    ({"contrast": "different"}, "instance", "balanced", "auto", {"schedule": "balanced", "similarity": "mind"}),
+    ({"contrast": "different", "method_options": {"similarity": "lncc"}}, "instance", "balanced", "auto",
+     {"schedule": "balanced", "similarity": "lncc"}),                    # explicit options still win
+    ({"preset": "fast", "contrast": "different"}, "voxelmorph", "fast", "auto", {}),
 ])
 def test_apply_preset(kwargs, method, preset, init, options):
     out = apply_preset(_opts(**kwargs))
@@ -67,3 +71,31 @@ def test_the_default_run_is_the_balanced_preset_and_says_so(tmp_path):
     assert manifest["metrics"]["ncc_after"] > 0.98 > manifest["metrics"]["ncc_before"]
     t = np.asarray(manifest["matrix_lps"])[:3, 3]
     assert np.allclose(t, (4.0, -2.0, 0.0), atol=1.0)
+
+
+def test_different_contrasts_align_by_mutual_information_and_register_by_mind(tmp_path):
+    """``--contrast different``: the moving image is the fixed phantom shifted 4 mm with its
+    contrast inverted inside the object (as bone is bright on CT and dark on T1 MR). The
+    alignment (mutual information) finds the shift within 1 mm, the instance optimiser runs with
+    MIND-SSC, and the manifest says so; an unknown value is refused before anything is read."""
+    from deepreglib.run.options import check_options
+    from deepreglib.run.pipeline import register
+    from helpers import centred_grid, sample_phantom
+    grid = centred_grid((40, 40, 40), (2.0, 2.0, 2.0))
+    shift = np.eye(4)
+    shift[:3, 3] = (4.0, -2.0, 0.0)
+    fixed = sample_phantom(grid)[0, 0].numpy()
+    moving = sample_phantom(grid, shift)[0, 0].numpy()
+    moving = np.where(moving > 0.05 * moving.max(), moving.max() - moving, 0.0).astype(np.float32)
+    paths = []
+    for name, img in (("f", fixed), ("m", moving)):
+        paths.append(str(tmp_path / f"{name}.nii.gz"))
+        sitk.WriteImage(grid.apply_to(sitk.GetImageFromArray(img)), paths[-1])
+    manifest = json.loads(register(RegisterOptions(fixed=paths[0], moving=paths[1], out=str(tmp_path / "o"),
+                                                   qa=False, contrast="different")).read_text())
+    assert manifest["parameters"]["contrast"] == "different"
+    assert manifest["parameters"]["method_options"] == {"schedule": "balanced", "similarity": "mind"}
+    t = np.asarray(manifest["matrix_lps"])[:3, 3]
+    assert np.allclose(t, (4.0, -2.0, 0.0), atol=1.0), t
+    with pytest.raises(BadInputError, match="--contrast must be one of same, different"):
+        check_options(_opts(contrast="mixed"))

@@ -22,7 +22,7 @@ _counter = itertools.count()
 VALUES = {
     "DeepRegistration": {
         "fixedVolume": "vtkMRMLScalarVolumeNode", "movingVolume": "vtkMRMLScalarVolumeNode",
-        "preset": "custom", "method": "carnet", "device": "cuda:1", "refineSteps": 50, "initialization": "affine",
+        "preset": "custom", "differentContrast": True, "method": "carnet", "device": "cuda:1", "refineSteps": 50, "initialization": "affine",
         "fixedMask": "vtkMRMLSegmentationNode", "movingMask": "vtkMRMLLabelMapVolumeNode",
         "fixedLandmarks": "vtkMRMLMarkupsFiducialNode", "movingLandmarks": "vtkMRMLMarkupsFiducialNode",
         "initialTransform": "vtkMRMLLinearTransformNode", "queryPoint": "vtkMRMLMarkupsFiducialNode",
@@ -40,7 +40,7 @@ VALUES = {
     },
 }
 DEFAULTS = {
-    "DeepRegistration": {"device": "auto", "refineSteps": 0, "createJacobian": True,
+    "DeepRegistration": {"device": "auto", "refineSteps": 0, "createJacobian": True, "differentContrast": False,
                          "overlayOpacity": 0.5, "keepTemporaryFiles": False,
                          # a new node is the default preset, its values in the Advanced fields
                          "preset": "balanced", "initialization": "auto", "method": "instance",

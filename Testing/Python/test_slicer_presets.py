@@ -319,20 +319,24 @@ def test_the_parameter_node_reaches_the_worker_as_its_preset(started):
     w.ui.presetComboBox.choose("fast")
     node = dict(vars(p), fixedMask=None, movingMask=None, fixedLandmarks=None, movingLandmarks=None,
                 initialTransform=None, outputVolume=None, outputTransform=None, createJacobian=True,
-                createInverse=True, showMethodOutputs=True, keepTemporaryFiles=False, queryPoint=None)
+                createInverse=True, showMethodOutputs=True, keepTemporaryFiles=False, queryPoint=None,
+                differentContrast=True)
     node.pop("_observer")
     fields = types.SimpleNamespace(**node)
     calls = []
     logic = Logic()
     logic.start = lambda *a, **k: calls.append(k)
     logic.runFromParameterNode(fields)
-    assert calls[-1]["preset"] == "fast"
+    assert calls[-1]["preset"] == "fast" and calls[-1]["differentContrast"] is True
     fields.refineSteps = 30  # changed from the console, not through the GUI: the run is custom
     logic.runFromParameterNode(fields)
     assert calls[-1]["preset"] == "custom" and calls[-1]["refineSteps"] == 30
 
     args, _ = started(preset="fast", method="carnet", refineSteps=0, methodOptions="")
     assert args[args.index("--preset") + 1] == "fast" and "--method" not in args and "--init" not in args
+    assert "--contrast" not in args
+    args, _ = started(preset="balanced", differentContrast=True)
+    assert args[args.index("--contrast") + 1] == "different"
     args, _ = started(preset="custom", method="iterative", initialization="auto", refineSteps=5)
     assert "--preset" not in args and args[args.index("--method") + 1] == "iterative"
     assert args[args.index("--init") + 1] == "auto" and args[args.index("--refine") + 1] == "5"

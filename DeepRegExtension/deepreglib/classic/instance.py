@@ -8,6 +8,10 @@ the moving image already through the initial matrix); the unknown is a displacem
     (1 - local NCC(warped, fixed))  +  smooth_weight * GradientSmoothness(u)
       [+ label_weight * Dice loss of the warped labels]  [+ landmark_weight * mean |p + u(p) - q|^2]
 
+or, for images of different contrasts (``similarity="mind"``: MR to ultrasound, MR to CT), the
+first term is ``MIND_WEIGHT *`` the mean squared difference of the MIND-SSC descriptors
+(:func:`deepreglib.core.losses.mind_ssc`), the moving image's descriptor warped as the image would be.
+
 What makes it fast, in the spirit of ConvexAdam (Siebert, Hansen and Heinrich 2021) and of
 greedy (Yushkevich et al.), measured on the ixi_muse val split (docs/BENCHMARKS.md):
 
@@ -37,7 +41,7 @@ import torch.nn.functional as F
 from ..core.errors import CancelledError
 from ..core.fields import resize_field
 from ..core.jacobian import jacobian_determinant
-from ..core.losses import GradientSmoothness, LocalNCCToFixed
+from ..core.losses import GradientSmoothness, LocalNCCToFixed, MINDToFixed
 from ..core.resample import downsampled_shape
 from ..core.warp import warp
 from .optimise import _check_pair, _label_maps, _Landmarks, _level, _resize_labels
@@ -101,6 +105,20 @@ FROM_NETWORK = Schedule(levels=(2, 1), steps=(30, 15), tol=1e-3)
 ACCURATE = Schedule(levels=(4, 2, 1), steps=(60, 50, 30), field_factor=1)
 #: By name (the ``instance`` method's ``schedule`` option).
 SCHEDULES = {"balanced": FROM_AFFINE, "accurate": ACCURATE, "from_network": FROM_NETWORK}
+#: The similarities of :func:`instance_register`: local NCC (same contrast, any scanner) and
+#: MIND-SSC (different contrasts).
+SIMILARITIES = ("lncc", "mind")
+#: MIND-SSC's squared descriptor distances are about 10x smaller than ``1 - LNCC`` on a mismatch;
+#: this puts them on the scale the schedules' smoothness weights were tuned for.
+MIND_WEIGHT = 10.0
+
+
+def _similarity(name: str, fixed: torch.Tensor, moving: torch.Tensor, window: int, min_std: float):
+    """``(image to warp, loss of the warped image)`` for one level."""
+    if name == "mind":
+        mind = MINDToFixed(fixed)
+        return mind.descriptor(moving), lambda warped: MIND_WEIGHT * mind(warped)
+    return moving, LocalNCCToFixed(fixed, window=window, min_std=min_std)
 
 
 def foreground_box(fixed: torch.Tensor, moving: torch.Tensor, threshold: float = 0.05,
@@ -156,7 +174,7 @@ def instance_register(fixed: torch.Tensor, moving: torch.Tensor,
                       fixed_labels: Optional[torch.Tensor] = None,
                       moving_labels: Optional[torch.Tensor] = None, label_weight: float = 1.0,
                       fixed_points=None, moving_points=None, landmark_weight: float = 0.1,
-                      crop: bool = True, progress: ProgressFn = None,
+                      crop: bool = True, similarity: str = "lncc", progress: ProgressFn = None,
                       cancel: CancelFn = None) -> torch.Tensor:
     """Optimise a displacement so that ``moving(x + u(x))`` matches ``fixed`` (module docstring).
 
@@ -170,11 +188,15 @@ def instance_register(fixed: torch.Tensor, moving: torch.Tensor,
         fixed_points, moving_points: optional ``(P, 3)`` voxel ``(k, j, i)`` pairs; add
             ``landmark_weight * mean |p + u(p) - q|^2``.
         crop: optimise on the foreground box only (:func:`foreground_box`).
+        similarity: ``"lncc"`` (same contrast) or ``"mind"`` (different contrasts), see
+            :data:`SIMILARITIES`.
     Returns:
         ``(1, 3, D, H, W)`` displacement in voxels (detached), without folding where
         :func:`unfold` could repair it.
     """
     _check_pair(fixed, moving)
+    if similarity not in SIMILARITIES:
+        raise ValueError(f"similarity must be one of {SIMILARITIES}, got {similarity!r}")
     shape = tuple(fixed.shape[2:])
     device, dtype = fixed.device, fixed.dtype
     if displacement is not None and tuple(displacement.shape) != (1, 3) + shape:
@@ -209,7 +231,7 @@ def instance_register(fixed: torch.Tensor, moving: torch.Tensor,
     for index, (factor, steps) in enumerate(zip(schedule.levels, schedule.steps)):
         f_lv, m_lv = _level(f_box, factor), _level(m_box, factor)
         image_shape = tuple(f_lv.shape[2:])
-        sim = LocalNCCToFixed(f_lv, window=schedule.window, min_std=schedule.min_std)
+        source, sim = _similarity(similarity, f_lv, m_lv, schedule.window, schedule.min_std)
         last = index == n_levels - 1
         field_shape = downsampled_shape(box_shape, factor * schedule.field_factor) if last else image_shape
         start = (torch.zeros(1, 3, *field_shape, dtype=dtype, device=device) if u is None
@@ -234,7 +256,7 @@ def instance_register(fixed: torch.Tensor, moving: torch.Tensor,
             optimiser.zero_grad()
             q = box_mean3(p) if schedule.smooth_parameters else p
             full = resize_field(q, image_shape)
-            loss = sim(warp(m_lv, full, padding="border")) + schedule.smooth_weight * smooth(q)
+            loss = sim(warp(source, full, padding="border")) + schedule.smooth_weight * smooth(q)
             loss = loss + sum(term(full, q) for term in terms)
             loss.backward()
             optimiser.step()

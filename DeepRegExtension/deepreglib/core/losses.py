@@ -504,6 +504,30 @@ class MINDLoss(nn.Module):
         return _reduce(_mean_per_item(diff ** 2), self.reduction)
 
 
+class MINDToFixed(nn.Module):
+    """:class:`MINDLoss` against one fixed image, for an optimiser that warps the moving image
+    many times: the fixed descriptor is computed once, and ``forward`` takes the moving image's
+    *descriptor warped* onto the fixed grid (the 12 channels warped as the image would be, as
+    ConvexAdam does), so no descriptor is recomputed per step. ``descriptor(moving)`` gives
+    what to warp. 0 for equal structure."""
+
+    def __init__(self, fixed: torch.Tensor, radius: int = 1, dilation: int = 2):
+        super().__init__()
+        self.radius, self.dilation = int(radius), int(dilation)
+        with torch.no_grad():
+            self.fixed = mind_ssc(fixed, self.radius, self.dilation)
+
+    def descriptor(self, moving: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return mind_ssc(moving, self.radius, self.dilation)
+
+    def forward(self, warped_descriptor: torch.Tensor) -> torch.Tensor:
+        if warped_descriptor.shape != self.fixed.shape:
+            raise ValueError(f"descriptor {tuple(warped_descriptor.shape)} must match the fixed "
+                             f"{tuple(self.fixed.shape)}")
+        return ((warped_descriptor - self.fixed) ** 2).mean()
+
+
 # -- mutual information --------------------------------------------------------------------------
 def _parzen_weights(x: torch.Tensor, centres: torch.Tensor, sigma: float) -> torch.Tensor:
     """``x`` ``(N, V)`` in ``[0, 1]`` -> ``(N, V, B)`` Gaussian bin memberships summing to 1."""
@@ -814,6 +838,6 @@ class DiceLoss(nn.Module):
 
 __all__ = [
     "ncc", "local_ncc", "GlobalNCC", "LocalNCC", "MSE", "ssim", "SSIMLoss", "mind_ssc",
-    "MINDLoss", "mutual_information", "MutualInformation", "GradientSmoothness", "BendingEnergy",
+    "MINDLoss", "MINDToFixed", "mutual_information", "MutualInformation", "GradientSmoothness", "BendingEnergy",
     "TotalVariation", "KLDivergence", "one_hot", "DiceLoss", "SSC_PAIRS", "REDUCTIONS",
 ]

@@ -21,10 +21,12 @@ def align(opts: RegisterOptions, inputs: Inputs, session: Session, device: torch
         if opts.initial_transform:
             matrix = io.read_linear_transform(opts.initial_transform)
         progress = session.context("initialize").progress
+        # mutual information where the contrasts differ (MR to ultrasound, MR to CT)
+        similarity = "mi" if opts.contrast == "different" else "lncc"
         if opts.init == "auto":
             report = auto_transform(inputs.fixed_n, inputs.fixed_grid, inputs.moving_n, inputs.moving_grid,
                                     device=device, progress=progress, cancel=session.cancel, report=True,
-                                    init=matrix if opts.initial_transform else None)
+                                    init=matrix if opts.initial_transform else None, similarity=similarity)
             matrix = report.matrix
             session.details["alignment"] = alignment_entry(report)
             if report.poor:
@@ -38,6 +40,8 @@ def align(opts: RegisterOptions, inputs: Inputs, session: Session, device: torch
                     raise BadInputError(f"--init {opts.init} would discard the --initial-transform; use "
                                         "--init auto, rigid or affine to refine it, or --init none to use it as is")
                 extra["init"] = matrix
+            if opts.init in ("rigid", "affine"):
+                extra["similarity"] = similarity
             matrix = initial_transform(opts.init, inputs.fixed_n, inputs.fixed_grid, inputs.moving_n,
                                        inputs.moving_grid, progress=progress,
                                        cancel=session.cancel, device=device, **extra)

@@ -44,6 +44,14 @@ class RegisterOptions:
     qa: bool = True
     cpu_fallback: bool = True
     threads: Optional[int] = None
+    #: ``same`` (one contrast, e.g. two T1 MRs from any scanners) or ``different`` (MR to
+    #: ultrasound, MR to CT): the alignment then uses mutual information and the instance
+    #: optimiser MIND-SSC (see :data:`CONTRASTS`)
+    contrast: str = "same"
+
+
+#: ``--contrast`` values.
+CONTRASTS = ("same", "different")
 
 
 def apply_preset(opts: RegisterOptions) -> RegisterOptions:
@@ -64,6 +72,8 @@ def apply_preset(opts: RegisterOptions) -> RegisterOptions:
         return opts
     method = opts.method or preset.method
     options = dict(preset.method_options) if method == preset.method else {}
+    if opts.contrast == "different" and method == "instance":
+        options["similarity"] = "mind"
     options.update(opts.method_options)
     return replace(opts, method=method, method_options=options, preset=preset.name,
                    init=opts.init or preset.init)
@@ -78,6 +88,8 @@ def check_options(opts: RegisterOptions) -> None:
         raise BadInputError(f"--init must be one of {', '.join(init_choices())}, got {opts.init!r}")
     if opts.refine < 0:
         raise BadInputError(f"--refine must be >= 0, got {opts.refine}")
+    if opts.contrast not in CONTRASTS:
+        raise BadInputError(f"--contrast must be one of {', '.join(CONTRASTS)}, got {opts.contrast!r}")
     check_output_folder(Path(opts.out).resolve())
 
 
