@@ -62,8 +62,36 @@ def report(data: dict) -> str:
                 f"{_mean_sd([r.get('hd95_mean_after_mm') for r in rs])} | "
                 f"{np.mean([r['folding_percent'] for r in rs]):.4f} | {np.mean([r['sdlogj'] for r in rs]):.3f} | "
                 f"{np.mean([r['wall_s'] for r in rs]):.1f} | {ratios} | {max(r['peak_ram_mb'] for r in rs):.0f} |")
-        lines += [""] + _targets(runs) + [""]
+        lines += [""] + _targets(runs) + [""] + _paired(runs) + [""] + _stages(runs) + [""]
     return "\n".join(lines)
+
+
+def _paired(runs: Dict[str, List[dict]], config: str = "preset-balanced") -> List[str]:
+    """``config``'s Dice minus each other configuration's, paired over the cases both ran."""
+    mine = {r["case"]: r.get("dice_mean_after") for r in runs.get(config, [])}
+    out = [f"Paired over the registrations, {config}'s Dice minus each other's (mean ± sd, and how "
+           "often it is ahead):", ""]
+    for other, rs in runs.items():
+        if other == config:
+            continue
+        diffs = [mine[r["case"]] - r["dice_mean_after"] for r in rs
+                 if mine.get(r["case"]) is not None and r.get("dice_mean_after") is not None]
+        if diffs:
+            out.append(f"* {other}: {np.mean(diffs):+.4f} ± {np.std(diffs):.4f}, ahead in "
+                       f"{sum(d > 0 for d in diffs)} of {len(diffs)}")
+    return out
+
+
+def _stages(runs: Dict[str, List[dict]]) -> List[str]:
+    """Mean seconds of each stage of the presets' runs (the manifests' ``timings``)."""
+    keys = ("initialize", "preprocess", "inference", "postprocess", "write", "total")
+    out = ["| preset | " + " | ".join(keys) + " |", "|---|" + "---|" * len(keys)]
+    for config in PRESETS:
+        rs = [r for r in runs.get(config, []) if r.get("timings")]
+        if rs:
+            out.append(f"| {config} | " + " | ".join(f"{np.mean([r['timings'].get(k, 0.0) for r in rs]):.2f}"
+                                                   for k in keys) + " |")
+    return out if len(out) > 2 else []
 
 
 def _targets(runs: Dict[str, List[dict]]) -> List[str]:

@@ -52,6 +52,17 @@ def test_known_map_is_recovered(truth, tolerance):
     assert not report.poor
 
 
+def test_an_implausible_scale_is_reported_poor():
+    """The moving object squeezed to 0.4 of its length along one axis: no two anatomies differ
+    like that, so even when the alignment follows the squeeze, the run must not call it good."""
+    truth = _matrix(np.diag([0.4, 1.0, 1.0]))
+    f, m = _pair(truth)
+    report = auto_transform(f, FIXED_GRID, m, MOVING_GRID, report=True)
+    scales = np.linalg.svd(report.matrix[:3, :3], compute_uv=False)
+    assert scales.min() < 0.5  # it did follow the squeeze ...
+    assert report.poor and "scales the moving image by" in report.message  # ... and says so
+
+
 def test_start_from_a_given_transform_and_cancel():
     truth = _matrix(axis_rotation((0, 1, 0), 10), (4.0, 0.0, -3.0))
     f, m = _pair(truth)

@@ -56,6 +56,21 @@ def test_busy_sets_passive(monkeypatch):
     assert "OMP_WAIT_POLICY" not in os.environ
 
 
+def test_a_policy_inherited_from_the_engine_is_chosen_again(monkeypatch):
+    """A batch worker inherits the coordinator's environment: the PASSIVE the coordinator chose
+    is not the user's, so the worker chooses for itself (and says so truthfully)."""
+    for name in ("OMP_WAIT_POLICY", "KMP_BLOCKTIME", "GOMP_SPINCOUNT", "DEEPREG_WAIT_POLICY_CHOSEN"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(cpu_policy, "runnable_others", lambda: 8.0)
+    assert cpu_policy.apply_wait_policy(None) == "PASSIVE"  # the coordinator, on a busy machine
+    monkeypatch.setattr(cpu_policy, "runnable_others", lambda: 0.0)
+    monkeypatch.setattr(os, "cpu_count", lambda: 1024)
+    assert cpu_policy.apply_wait_policy(2) == "default"      # its worker, once the cores are free
+    assert "OMP_WAIT_POLICY" not in os.environ and "DEEPREG_WAIT_POLICY_CHOSEN" not in os.environ
+    monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")         # the user's own choice still wins
+    assert "set by the user" in cpu_policy.apply_wait_policy(2)
+
+
 def test_the_cli_decides_before_torch_loads(tmp_path):
     """``main`` chooses the policy before anything imports torch (the runtime reads it once)."""
     code = ("import sys, os\n"

@@ -259,6 +259,10 @@ def _angle_degrees(matrix: np.ndarray) -> float:
 #: right far more often than not, and a brain inside its own mask looks much like its mirror.
 LARGE_ROTATION = 45.0
 LARGE_ROTATION_MARGIN = 0.05
+#: An affine that scales any axis by less than the first or more than the second factor is not
+#: an anatomical answer (adult brains differ by about 0.8-1.25): the alignment is then reported as
+#: poor. On MR to ultrasound prostate pairs the search found scales of 0.22-0.62 (2026-12-06).
+PLAUSIBLE_SCALE = (0.5, 2.0)
 
 
 def _foreground_overlap(f: torch.Tensor, f_grid: Grid, m: torch.Tensor, m_grid: Grid,
@@ -404,10 +408,17 @@ def auto_transform(fixed, fixed_grid: Grid, moving, moving_grid: Grid, device="c
     if swapped:
         best = np.linalg.inv(best)
     threshold = POOR_LNCC["masked" if masked else "plain"]
+    scales = np.linalg.svd(best[:3, :3], compute_uv=False)
+    implausible = bool(scales.min() < PLAUSIBLE_SCALE[0] or scales.max() > PLAUSIBLE_SCALE[1])
     # local NCC says nothing across modalities; there only a lost overlap is flagged
-    poor = overlap < 0.5 if similarity == "mi" else lncc < threshold
+    poor = implausible or (overlap < 0.5 if similarity == "mi" else lncc < threshold)
     message = (f"automatic alignment: local NCC {lncc:.2f}, foreground overlap {overlap:.2f}")
-    if poor:
+    if implausible:
+        message = (f"the automatic alignment looks poor: it scales the moving image by "
+                   f"{scales.min():.2f}-{scales.max():.2f} along its axes (an anatomical answer stays within "
+                   f"{PLAUSIBLE_SCALE[0]:g}-{PLAUSIBLE_SCALE[1]:g}): check the result, or give an "
+                   "--initial-transform (e.g. from landmarks), or --init rigid or none, and run again")
+    elif poor:
         message = (f"the automatic alignment looks poor (local NCC {lncc:.2f}, expected above "
                    f"{threshold}; foreground overlap {overlap:.2f}): check the result, or give an "
                    "--initial-transform (e.g. from landmarks) and run again")

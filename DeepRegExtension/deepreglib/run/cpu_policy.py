@@ -20,6 +20,9 @@ from typing import Callable, List, Optional, Tuple
 
 #: the environment variables that decide the wait policy, OpenMP's and Intel OpenMP's (Windows)
 _USER_VARS = ("OMP_WAIT_POLICY", "KMP_BLOCKTIME", "GOMP_SPINCOUNT")
+#: set beside ``OMP_WAIT_POLICY`` when this module chose it: a child process (a batch worker)
+#: inherits the environment, and must not take its parent's choice for the user's
+_CHOSEN_HERE = "DEEPREG_WAIT_POLICY_CHOSEN"
 
 
 def runnable_threads() -> Optional[List[Tuple[int, int]]]:
@@ -85,11 +88,15 @@ def choose_wait_policy(threads: Optional[int], cores: Optional[int] = None,
 
 def apply_wait_policy(threads: Optional[int]) -> str:
     """Set ``OMP_WAIT_POLICY=PASSIVE`` in this process's environment when the CPU is busy (see the
-    module's doc), unless the user chose a policy; returns what is in force."""
+    module's doc), unless the user chose a policy; returns what is in force. A policy that this
+    module set in a parent process (a batch coordinator) is chosen again for this process."""
+    if os.environ.pop(_CHOSEN_HERE, None) is not None:
+        os.environ.pop("OMP_WAIT_POLICY", None)
     for name in _USER_VARS:
         if name in os.environ:
             return f"{name}={os.environ[name]} (set by the user)"
     policy = choose_wait_policy(threads)
     if policy == "PASSIVE":
         os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+        os.environ[_CHOSEN_HERE] = "1"
     return policy
