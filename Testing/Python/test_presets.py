@@ -38,6 +38,7 @@ def test_every_preset_names_a_registered_method_with_a_measured_time():
     ({"contrast": "different", "method_options": {"similarity": "lncc"}}, "instance", "balanced", "auto",
      {"schedule": "balanced", "similarity": "lncc"}),                    # explicit options still win
     ({"preset": "fast", "contrast": "different"}, "voxelmorph", "fast", "auto", {}),
+    ({"method": "instance", "contrast": "different"}, "instance", None, "auto", {"similarity": "mind"}),
 ])
 def test_apply_preset(kwargs, method, preset, init, options):
     out = apply_preset(_opts(**kwargs))

@@ -65,6 +65,7 @@ def apply_preset(opts: RegisterOptions) -> RegisterOptions:
         opts = replace(opts, method=DEFAULT_METHOD)
     preset = preset_defaults(opts.preset, opts.method)
     if preset is None:
+        opts = replace(opts, method_options=_contrast_options(opts.method, {}, opts))
         if opts.init is None:
             from ..methods.registry import get_method_info
             kind = get_method_info(opts.method).kind if opts.method else "deformable"
@@ -72,11 +73,18 @@ def apply_preset(opts: RegisterOptions) -> RegisterOptions:
         return opts
     method = opts.method or preset.method
     options = dict(preset.method_options) if method == preset.method else {}
+    return replace(opts, method=method, method_options=_contrast_options(method, options, opts),
+                   preset=preset.name, init=opts.init or preset.init)
+
+
+def _contrast_options(method: Optional[str], defaults: Dict[str, object], opts: RegisterOptions) -> dict:
+    """``defaults``, then what ``--contrast different`` implies for the method (the instance
+    optimiser on MIND-SSC, with or without a preset), then the user's own method options."""
+    options = dict(defaults)
     if opts.contrast == "different" and method == "instance":
         options["similarity"] = "mind"
     options.update(opts.method_options)
-    return replace(opts, method=method, method_options=options, preset=preset.name,
-                   init=opts.init or preset.init)
+    return options
 
 
 def check_options(opts: RegisterOptions) -> None:
