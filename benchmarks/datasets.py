@@ -71,17 +71,18 @@ def _central_block(img: sitk.Image, size_kji, margin: int = 0) -> sitk.Image:
 
 
 def synthetic_cases(folder: Path, count: int = 4, shape=(96, 112, 96), spacing=2.0, max_std=3.0,
-                    crop=None) -> Iterator[Dict]:
-    """Known-answer pairs from the engine's generator (same contrast), 2 mm voxels.
+                    crop=None, seed: int = 10_000, prefix: str = "synthetic") -> Iterator[Dict]:
+    """Known-answer pairs from the engine's generator (same contrast), 2 mm voxels; pair ``i`` is
+    drawn from seed ``seed + i`` (10 000 on: the benchmark's pairs; tuning uses other seeds).
 
     ``crop`` (D, H, W): keep only the central block of each pair (the same pairs, smaller): the
     fixed image, its labels and the true field are cut to the block, the moving image and labels
     to the block plus 8 voxels on every side, so that what the fixed block maps to is still there."""
     grid = Grid(shape, (spacing,) * 3, (0.0, 0.0, 0.0), tuple(np.eye(3).ravel()))
     for i in range(count):
-        d = folder / f"synthetic_{i}"
+        d = folder / f"{prefix}_{i}"
         d.mkdir(parents=True, exist_ok=True)
-        p = synth_pair(shape, seed=10_000 + i, max_std=max_std, same_contrast=True, full_resolution=True)
+        p = synth_pair(shape, seed=seed + i, max_std=max_std, same_contrast=True, full_resolution=True)
         images = {"fixed": tensor_to_image(p.fixed, grid), "moving": tensor_to_image(p.moving, grid),
                   "fixed_labels": tensor_to_image(p.fixed_labels.to(torch.int16), grid),
                   "moving_labels": tensor_to_image(p.moving_labels.to(torch.int16), grid),
@@ -89,7 +90,7 @@ def synthetic_cases(folder: Path, count: int = 4, shape=(96, 112, 96), spacing=2
         if crop:
             images = {k: _central_block(img, crop, margin=8 if k.startswith("moving") else 0)
                       for k, img in images.items()}
-        case = {"dataset": "synthetic", "name": f"synthetic_{i}",
+        case = {"dataset": "synthetic", "name": f"{prefix}_{i}",
                 "note": f"central {'x'.join(str(n) for n in reversed(crop))} block" if crop else ""}
         for key, img in images.items():
             if key == "gt_displacement":  # float32 components, as write_displacement_field writes them
@@ -99,12 +100,8 @@ def synthetic_cases(folder: Path, count: int = 4, shape=(96, 112, 96), spacing=2
 
 
 def brain_aseg_cases(folder: Path, count: int = 2, std_mm: float = 4.0, spacing: int = 1) -> Iterator[Dict]:
-    """The FreeSurfer-labelled brain warped by seeded random diffeomorphisms.
-
-    moving(x) = fixed(x + w(x)) with w = exp(-v); the true registration field is u = exp(v),
-    so that moving(x + u(x)) = fixed(x). Endpoint error against u; Dice over the 30 labels.
-    ``spacing`` 2 first downsamples the scan to 2 mm (:func:`downsampled`) and draws the same
-    kind of deformation (same size and smoothness in mm) on that grid."""
+    """The FreeSurfer-labelled brain warped by seeded random diffeomorphisms
+    (:func:`known_deformation_cases`, seeds 20 000 on); Dice over its 30 usual labels."""
     src = SHARED / "brain_aseg" / "test_scan.npz"
     if not src.is_file():
         print(f"skipping brain_aseg: {src} is absent", file=sys.stderr)
@@ -112,13 +109,29 @@ def brain_aseg_cases(folder: Path, count: int = 2, std_mm: float = 4.0, spacing:
     data = np.load(src)
     vol_img = sitk.GetImageFromArray(data["vol"].astype(np.float32))  # 1 mm, no header: identity geometry
     seg_img = sitk.GetImageFromArray(data["seg"].astype(np.int16))
-    vol, grid = image_to_tensor(downsampled(vol_img, spacing))
-    seg = image_to_tensor(downsampled(seg_img, spacing, labels=True), dtype=torch.float32)[0]
     labels = [int(x) for x in np.load(SHARED / "brain_aseg" / "labels.npz")["labels"]]
-    for i in range(count):
-        d = folder / f"brain_aseg_{i}"
+    yield from known_deformation_cases(folder, vol_img, seg_img, "brain_aseg", range(20_000, 20_000 + count),
+                                       std_mm=std_mm, spacing=spacing, labels_of_interest=labels)
+
+
+def known_deformation_cases(folder: Path, vol_img: sitk.Image, seg_img: Optional[sitk.Image], dataset: str,
+                            seeds, std_mm: float = 4.0, spacing: int = 1,
+                            labels_of_interest: Optional[List[int]] = None) -> Iterator[Dict]:
+    """One brain warped by seeded random diffeomorphisms, a case per seed.
+
+    moving(x) = fixed(x + w(x)) with w = exp(-v); the true registration field is u = exp(v),
+    so that moving(x + u(x)) = fixed(x). Endpoint error against u; Dice over the labels when
+    ``seg_img`` is given. ``spacing`` 2 first downsamples the scan to 2 mm (:func:`downsampled`)
+    and draws the same kind of deformation (same size and smoothness in mm) on that grid."""
+    vol, grid = image_to_tensor(downsampled(vol_img, spacing))
+    seg = None
+    if seg_img is not None:
+        seg = image_to_tensor(downsampled(seg_img, spacing, labels=True), dtype=torch.float32)[0]
+    for seed in seeds:
+        name = f"{dataset}_{seed - 20_000}" if dataset == "brain_aseg" else f"{dataset}_{seed}"
+        d = folder / name
         d.mkdir(parents=True, exist_ok=True)
-        g = torch.Generator().manual_seed(20_000 + i)
+        g = torch.Generator().manual_seed(int(seed))
         # velocity on a half-resolution grid, then upsampled (smooth, brain-scale deformations);
         # std and correlation length are given in voxels of that half grid (2 * spacing mm)
         small = [s // 2 for s in vol.shape[2:]]
@@ -126,14 +139,16 @@ def brain_aseg_cases(folder: Path, count: int = 2, std_mm: float = 4.0, spacing:
         v = torch.nn.functional.interpolate(v_small, size=vol.shape[2:], mode="trilinear", align_corners=True) * 2
         u = integrate_velocity(v)
         w = integrate_velocity(-v)
-        moving = warp(vol, w)
-        moving_seg = warp(seg, w, interpolation="nearest")
-        case = {"dataset": "brain_aseg", "name": f"brain_aseg_{i}", "labels_of_interest": labels,
+        case = {"dataset": dataset, "name": name,
                 "note": f"{spacing} mm" + (" (downsampled)" if spacing > 1 else ""),
                 "fixed": _save(tensor_to_image(vol, grid), d / "fixed.nii.gz"),
-                "moving": _save(tensor_to_image(moving, grid), d / "moving.nii.gz"),
-                "fixed_labels": _save(tensor_to_image(seg.to(torch.int16), grid), d / "fixed_labels.nii.gz"),
-                "moving_labels": _save(tensor_to_image(moving_seg.to(torch.int16), grid), d / "moving_labels.nii.gz")}
+                "moving": _save(tensor_to_image(warp(vol, w), grid), d / "moving.nii.gz")}
+        if seg is not None:
+            moving_seg = warp(seg, w, interpolation="nearest")
+            case["fixed_labels"] = _save(tensor_to_image(seg.to(torch.int16), grid), d / "fixed_labels.nii.gz")
+            case["moving_labels"] = _save(tensor_to_image(moving_seg.to(torch.int16), grid), d / "moving_labels.nii.gz")
+            if labels_of_interest:
+                case["labels_of_interest"] = labels_of_interest
         gt = d / "gt_displacement.nii.gz"
         write_displacement_field(u, grid, str(gt))
         case["gt_displacement"] = str(gt)
