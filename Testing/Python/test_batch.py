@@ -318,6 +318,8 @@ def test_bad_tables_exit_2_naming_the_problem_and_write_nothing(cohort, tmp_path
                        ["row 2", "moving file 'scans/nowhere.nii.gz' does not exist"]),
         "badcell.csv": (f"fixed,moving,refine\n{scans}/template.nii.gz,{scans}/sub0.nii.gz,lots\n",
                         ["row 2, column 'refine'", "whole number"]),
+        "contrast.csv": (f"fixed,moving,contrast\n{scans}/template.nii.gz,{scans}/sub0.nii.gz,diferent\n",
+                         ["row 2", "contrast must be one of same, different", "'diferent'"]),
     }
     for name, (text, phrases) in cases.items():
         (tmp_path / name).write_text(text)
@@ -335,6 +337,24 @@ def test_bad_tables_exit_2_naming_the_problem_and_write_nothing(cohort, tmp_path
         assert main(["batch", str(cohort / "pairs.csv"), "--out", str(out), *RUN]) == 2
     assert f"another deepreg batch is running on {out} (pid {os.getpid()}" in capsys.readouterr().err
     assert sorted(p.name for p in out.iterdir()) == [".batch.lock"]
+
+
+def test_a_contrast_column_sets_each_pairs_similarity(cohort, tmp_path):
+    """``contrast`` per pair, as ``--contrast`` on the command line: ``different`` runs the balanced
+    preset's optimiser on MIND-SSC and aligns by mutual information; an empty cell keeps the
+    batch's own value (``--set contrast=...``, else ``same``)."""
+    from deepreglib.run.batch_table import read_pairs_csv
+    from deepreglib.run.options import apply_preset
+    scans = cohort / "scans"
+    table = tmp_path / "pairs.csv"
+    table.write_text(f"id,fixed,moving,contrast\nmr_us,{scans}/template.nii.gz,{scans}/sub0.nii.gz,different\n"
+                     f"t1_t1,{scans}/template.nii.gz,{scans}/sub1.nii.gz,\n")
+    for defaults, plain in (({}, "same"), ({"contrast": "different"}, "different")):
+        pairs = {p.id: apply_preset(p.register_options(out=str(tmp_path / p.id)))
+                 for p in read_pairs_csv(table, defaults)}
+        assert pairs["mr_us"].contrast == "different" and pairs["mr_us"].method_options["similarity"] == "mind"
+        assert pairs["t1_t1"].contrast == plain
+        assert pairs["t1_t1"].method_options.get("similarity", "lncc") == ("mind" if plain == "different" else "lncc")
 
 
 def test_sigterm_cancels_cleanly_no_half_pair_no_orphan(cohort, tmp_path):
