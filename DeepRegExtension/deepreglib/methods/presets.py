@@ -36,16 +36,16 @@ class Preset:
 PRESETS: Dict[str, Preset] = {p.name: p for p in (
     Preset("fast", "Fast", "Automatic alignment, then the VoxelMorph network: a first look in seconds.",
            init="auto", method="voxelmorph",
-           expected_seconds={"cpu": 4.0}, measured="benchmarks/results/accuracy-2026-12-06-real-pairs-40.json"),
+           expected_seconds={"cpu": 4.8}, measured="benchmarks/results/accuracy-2026-12-07-real-pairs-40-increments.json"),
     Preset("balanced", "Balanced (recommended)",
            "Automatic alignment, then the fast instance optimiser on the pair: on 40 unaligned "
-           "brain registrations as accurate as greedy and more than ANTs SyN, in a third of SyN's time.",
+           "brain registrations as accurate as greedy and more than ANTs SyN, in 0.4 of SyN's time.",
            init="auto", method="instance", method_options={"schedule": "balanced"},
-           expected_seconds={"cpu": 4.3}, measured="benchmarks/results/accuracy-2026-12-06-real-pairs-40.json"),
+           expected_seconds={"cpu": 5.7}, measured="benchmarks/results/accuracy-2026-12-07-real-pairs-40-increments.json"),
     Preset("accurate", "Accurate",
            "Automatic alignment, then more optimisation with the field on the full network grid.",
            init="auto", method="instance", method_options={"schedule": "accurate"},
-           expected_seconds={"cpu": 6.6}, measured="benchmarks/results/accuracy-2026-12-06-real-pairs-40.json"),
+           expected_seconds={"cpu": 8.4}, measured="benchmarks/results/accuracy-2026-12-07-real-pairs-40-increments.json"),
 )}
 
 #: The preset of a run that names neither a preset nor a method.
