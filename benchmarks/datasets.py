@@ -111,13 +111,16 @@ def brain_aseg_cases(folder: Path, count: int = 2, std_mm: float = 4.0, spacing:
     seg_img = sitk.GetImageFromArray(data["seg"].astype(np.int16))
     labels = [int(x) for x in np.load(SHARED / "brain_aseg" / "labels.npz")["labels"]]
     yield from known_deformation_cases(folder, vol_img, seg_img, "brain_aseg", range(20_000, 20_000 + count),
+                                       names=[f"brain_aseg_{i}" for i in range(count)],
                                        std_mm=std_mm, spacing=spacing, labels_of_interest=labels)
 
 
 def known_deformation_cases(folder: Path, vol_img: sitk.Image, seg_img: Optional[sitk.Image], dataset: str,
                             seeds, std_mm: float = 4.0, spacing: int = 1,
-                            labels_of_interest: Optional[List[int]] = None) -> Iterator[Dict]:
-    """One brain warped by seeded random diffeomorphisms, a case per seed.
+                            labels_of_interest: Optional[List[int]] = None,
+                            names: Optional[List[str]] = None) -> Iterator[Dict]:
+    """One brain warped by seeded random diffeomorphisms, a case per seed, named ``names`` (else
+    ``<dataset>_<seed>``).
 
     moving(x) = fixed(x + w(x)) with w = exp(-v); the true registration field is u = exp(v),
     so that moving(x + u(x)) = fixed(x). Endpoint error against u; Dice over the labels when
@@ -127,8 +130,8 @@ def known_deformation_cases(folder: Path, vol_img: sitk.Image, seg_img: Optional
     seg = None
     if seg_img is not None:
         seg = image_to_tensor(downsampled(seg_img, spacing, labels=True), dtype=torch.float32)[0]
-    for seed in seeds:
-        name = f"{dataset}_{seed - 20_000}" if dataset == "brain_aseg" else f"{dataset}_{seed}"
+    for index, seed in enumerate(seeds):
+        name = names[index] if names else f"{dataset}_{seed}"
         d = folder / name
         d.mkdir(parents=True, exist_ok=True)
         g = torch.Generator().manual_seed(int(seed))

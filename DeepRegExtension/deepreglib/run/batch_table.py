@@ -191,7 +191,7 @@ def _check_pairs(pairs: Sequence[BatchPair], source: str) -> None:
     from ..methods.presets import get_preset
     from ..methods.registry import method_names
     from .initializers import init_choices
-    from .options import CONTRASTS, apply_preset
+    from .options import apply_preset, check_contrast
     problems: List[str] = []
     methods, inits = method_names(), init_choices()
     for p in pairs:
@@ -205,9 +205,8 @@ def _check_pairs(pairs: Sequence[BatchPair], source: str) -> None:
                 raise BadInputError(f"unknown init {o['init']!r} (one of {', '.join(inits)})")
             if int(o.get("refine") or 0) < 0:
                 raise BadInputError(f"refine must be >= 0, got {o['refine']}")
-            if o.get("contrast") and o["contrast"] not in CONTRASTS:
-                raise BadInputError(f"contrast must be one of {', '.join(CONTRASTS)} (different: MR to "
-                                    f"ultrasound or CT), got {o['contrast']!r}")
+            if o.get("contrast"):
+                check_contrast(str(o["contrast"]))
             apply_preset(p.register_options(out="-"))
         except BadInputError as e:
             problems.append(f"{_where(p.line)} ({p.id}): {e}")

@@ -96,9 +96,15 @@ def check_options(opts: RegisterOptions) -> None:
         raise BadInputError(f"--init must be one of {', '.join(init_choices())}, got {opts.init!r}")
     if opts.refine < 0:
         raise BadInputError(f"--refine must be >= 0, got {opts.refine}")
-    if opts.contrast not in CONTRASTS:
-        raise BadInputError(f"--contrast must be one of {', '.join(CONTRASTS)}, got {opts.contrast!r}")
+    check_contrast(opts.contrast)
     check_output_folder(Path(opts.out).resolve())
+
+
+def check_contrast(value: str) -> None:
+    """Refuse a ``--contrast`` (or a batch table's ``contrast`` cell) that is not in :data:`CONTRASTS`."""
+    if value not in CONTRASTS:
+        raise BadInputError(f"--contrast must be one of {', '.join(CONTRASTS)} (different: MR to ultrasound "
+                            f"or CT), got {value!r}")
 
 
 def resolve_device(name: str) -> torch.device:
