@@ -124,6 +124,58 @@ def warp(image: torch.Tensor, displacement: torch.Tensor, interpolation: str = "
     return sample_at(image, points + displacement, interpolation, padding)
 
 
+
+def central_differences(image: torch.Tensor) -> torch.Tensor:
+    """Spatial gradient of ``image`` ``(N, C, D, H, W)`` by central differences (one-sided at
+    the edges, edges replicated), in intensity per voxel: ``(N, 3 * C, D, H, W)``, the ``(k, j, i)``
+    derivatives of channel 0, then of channel 1, ..."""
+    n, c = image.shape[:2]
+    out = []
+    for dim in (2, 3, 4):
+        pad = [0] * 6
+        pad[2 * (4 - dim)] = pad[2 * (4 - dim) + 1] = 1  # F.pad lists the last axis first
+        padded = F.pad(image, pad, mode="replicate")
+        size = image.shape[dim]
+        out.append(0.5 * (padded.narrow(dim, 2, size) - padded.narrow(dim, 0, size)))
+    return torch.stack(out, dim=2).reshape(n, 3 * c, *image.shape[2:])
+
+
+class _WarpImageGradient(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, image, displacement, padding):
+        with torch.no_grad():
+            warped = warp(image, displacement, "linear", padding)
+        ctx.save_for_backward(warped)
+        return warped
+
+    @staticmethod
+    def backward(ctx, grad):
+        (warped,) = ctx.saved_tensors
+        n, c = warped.shape[:2]
+        slopes = central_differences(warped).view(n, c, 3, *warped.shape[2:])
+        grad_u = (grad.unsqueeze(2) * slopes).sum(dim=1)
+        return None, grad_u, None
+
+
+def warp_image_gradient(image: torch.Tensor, displacement: torch.Tensor,
+                        padding: str = "border") -> torch.Tensor:
+    """:func:`warp` (trilinear) whose gradient with respect to the displacement is that of the
+    warped image's spatial gradient: ``d loss / d u(x) = d loss / d warped(x) * grad warped(x)``,
+    by central differences, as ANTs' and greedy's metrics compute it, instead of differentiating
+    the trilinear interpolation. It ignores the deformation's Jacobian
+    (``grad (m o phi) = J^T (grad m) o phi``, near the identity for a smooth field), its slope does not
+    jump at voxel centres, and the backward pass is a few elementwise operations instead of
+    ``grid_sample``'s (the forward and backward of a warp in half the time on 2 cores). No
+    gradient flows to ``image``. For optimising a field against a fixed image (the instance optimiser);
+    networks use :func:`warp`."""
+    if image.requires_grad:
+        raise ValueError("warp_image_gradient gives no gradient to the image; use warp")
+    if displacement.shape[0] != image.shape[0]:
+        raise ValueError(f"displacement {tuple(displacement.shape)} and image {tuple(image.shape)} "
+                         "must have the same batch size")
+    return _WarpImageGradient.apply(image, displacement, padding)
+
+
 class SpatialTransformer(nn.Module):
     """:func:`warp` as a module (no state: the reference grid is rebuilt per shape, not saved)."""
 

@@ -53,7 +53,9 @@ def align(opts: RegisterOptions, inputs: Inputs, session: Session, device: torch
 def alignment_entry(report) -> dict:
     """The manifest's ``alignment`` section for an ``--init auto`` run."""
     return {"init": "auto", "quality": "poor" if report.poor else "ok",
-            "local_ncc": round(float(report.lncc), 4), "foreground_overlap": round(float(report.overlap), 4),
+            "local_ncc": round(float(report.lncc), 4),
+            "local_ncc_turned_round": None if report.decoy_lncc is None else round(float(report.decoy_lncc), 4),
+            "foreground_overlap": round(float(report.overlap), 4),
             "masked_to_smaller_foreground": bool(report.masked), "candidates": int(report.candidates),
             "steps": [int(s) for s in report.steps], "seconds": round(float(report.seconds), 3),
             "message": report.message}
