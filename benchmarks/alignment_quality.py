@@ -50,18 +50,15 @@ def _read(path, labels=False):
 
 
 def _label_dice(fixed_labels, moving_labels, matrix) -> float:
-    import torch
+    """Mean Dice over the fixed map's labels, the moving labels through ``matrix``."""
+    from deepreglib.core.metrics import dice_per_label
     from deepreglib.core.resample import resample_to_grid
     fl, flg = _read(fixed_labels, labels=True)
     ml, mlg = _read(moving_labels, labels=True)
     warped = resample_to_grid(ml.float(), mlg, flg, matrix_lps=matrix, interpolation="nearest").long()
     fixed = fl.long()
-    dice = []
-    for v in torch.unique(fixed).tolist():
-        if v:
-            x, y = fixed == v, warped == v
-            dice.append(2.0 * float((x & y).sum()) / float(x.sum() + y.sum()))
-    return float(np.mean(dice))
+    labels = [v for v in np.unique(fixed.numpy()) if v]
+    return float(np.nanmean(list(dice_per_label(fixed, warped, labels).values())))
 
 
 def _corner_error_mm(grid, matrix) -> float:
@@ -72,12 +69,10 @@ def _corner_error_mm(grid, matrix) -> float:
 
 
 def _turn(grid, axis, degrees):
-    from deepreglib.classic.auto import _rotation
+    """``degrees`` about ``axis`` through the centre of ``grid``'s box."""
+    from deepreglib.classic.auto import _about, _rotation
     c = grid.index_to_physical((np.asarray(grid.shape) - 1) / 2.0)
-    a = np.eye(4)
-    a[:3, :3] = _rotation(axis, degrees)
-    a[:3, 3] = c - a[:3, :3] @ c
-    return a
+    return _about(c, c, _rotation(axis, degrees))
 
 
 def _row(set_name, name, kind, report, truth: dict) -> dict:

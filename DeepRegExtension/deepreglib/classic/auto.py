@@ -304,14 +304,8 @@ def _best_decoy(sim, f, f_grid, m, m_grid, a) -> float:
     idx = torch.nonzero(fg).double().mean(dim=0).cpu().numpy() if bool(fg.any()) else \
         (np.asarray(f_grid.shape, dtype=np.float64) - 1) / 2.0
     centre = f_grid.index_to_physical(idx)
-    best = -1.0
-    for axis in range(3):
-        for degrees in DECOY_DEGREES:
-            turn = np.eye(4)
-            turn[:3, :3] = _rotation(axis, degrees)
-            turn[:3, 3] = centre - turn[:3, :3] @ centre
-            best = max(best, 1.0 - _score(sim, f, f_grid, m, m_grid, a @ turn))
-    return best
+    turns = [_about(centre, centre, _rotation(axis, degrees)) for axis in range(3) for degrees in DECOY_DEGREES]
+    return max(1.0 - _score(sim, f, f_grid, m, m_grid, a @ turn) for turn in turns)
 
 
 def _best_small(scored, candidates) -> int:

@@ -124,11 +124,13 @@ def warp(image: torch.Tensor, displacement: torch.Tensor, interpolation: str = "
     return sample_at(image, points + displacement, interpolation, padding)
 
 
-
-def central_differences(image: torch.Tensor) -> torch.Tensor:
-    """Spatial gradient of ``image`` ``(N, C, D, H, W)`` by central differences (one-sided at
-    the edges, edges replicated), in intensity per voxel: ``(N, 3 * C, D, H, W)``, the ``(k, j, i)``
-    derivatives of channel 0, then of channel 1, ..."""
+def _central_differences(image: torch.Tensor) -> torch.Tensor:
+    """Spatial gradient of ``image`` ``(N, C, D, H, W)`` by central differences, edges replicated
+    (half a difference at the edge voxels), in intensity per voxel: ``(N, 3 * C, D, H, W)``, the
+    ``(k, j, i)`` derivatives of channel 0, then of channel 1, ... The same as
+    :func:`deepreglib.core.jacobian.spatial_gradient` inside; not that one because
+    ``torch.gradient`` takes 8x longer here (11.5 against 1.5 ms at 80x96x80 on 2 cores), once per
+    optimiser step."""
     n, c = image.shape[:2]
     out = []
     for dim in (2, 3, 4):
@@ -152,7 +154,7 @@ class _WarpImageGradient(torch.autograd.Function):
     def backward(ctx, grad):
         (warped,) = ctx.saved_tensors
         n, c = warped.shape[:2]
-        slopes = central_differences(warped).view(n, c, 3, *warped.shape[2:])
+        slopes = _central_differences(warped).view(n, c, 3, *warped.shape[2:])
         grad_u = (grad.unsqueeze(2) * slopes).sum(dim=1)
         return None, grad_u, None
 
