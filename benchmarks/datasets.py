@@ -115,6 +115,19 @@ def brain_aseg_cases(folder: Path, count: int = 2, std_mm: float = 4.0, spacing:
                                        std_mm=std_mm, spacing=spacing, labels_of_interest=labels)
 
 
+def known_deformation(shape, seed: int, std_mm: float = 4.0, spacing: int = 1):
+    """The seeded random diffeomorphism of :func:`known_deformation_cases` on a grid of ``shape``
+    at ``spacing`` mm: ``(u, w)`` = ``(exp(v), exp(-v))``, voxels ``(1, 3, D, H, W)``, so that
+    ``moving = warp(fixed, w)`` is registered back by ``u``. The velocity is drawn on a
+    half-resolution grid and upsampled (smooth, brain-scale deformations); its std and
+    correlation length are given in voxels of that half grid (2 * spacing mm)."""
+    g = torch.Generator().manual_seed(int(seed))
+    small = [s // 2 for s in shape]
+    v_small = random_velocity(small, g, std=std_mm / (2 * spacing), scale=12 / spacing)
+    v = torch.nn.functional.interpolate(v_small, size=tuple(shape), mode="trilinear", align_corners=True) * 2
+    return integrate_velocity(v), integrate_velocity(-v)
+
+
 def known_deformation_cases(folder: Path, vol_img: sitk.Image, seg_img: Optional[sitk.Image], dataset: str,
                             seeds, std_mm: float = 4.0, spacing: int = 1,
                             labels_of_interest: Optional[List[int]] = None,
@@ -134,14 +147,7 @@ def known_deformation_cases(folder: Path, vol_img: sitk.Image, seg_img: Optional
         name = names[index] if names else f"{dataset}_{seed}"
         d = folder / name
         d.mkdir(parents=True, exist_ok=True)
-        g = torch.Generator().manual_seed(int(seed))
-        # velocity on a half-resolution grid, then upsampled (smooth, brain-scale deformations);
-        # std and correlation length are given in voxels of that half grid (2 * spacing mm)
-        small = [s // 2 for s in vol.shape[2:]]
-        v_small = random_velocity(small, g, std=std_mm / (2 * spacing), scale=12 / spacing)
-        v = torch.nn.functional.interpolate(v_small, size=vol.shape[2:], mode="trilinear", align_corners=True) * 2
-        u = integrate_velocity(v)
-        w = integrate_velocity(-v)
+        u, w = known_deformation(vol.shape[2:], seed, std_mm, spacing)
         case = {"dataset": dataset, "name": name,
                 "note": f"{spacing} mm" + (" (downsampled)" if spacing > 1 else ""),
                 "fixed": _save(tensor_to_image(vol, grid), d / "fixed.nii.gz"),

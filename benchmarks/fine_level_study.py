@@ -13,33 +13,40 @@ the locally normalised images (mean and deviation over a ``window``^3 box, each 
 normalised once before warping), its gradient through the moving image's precomputed slopes.
 Endpoint error (mm) inside the foreground against the true field. A prototype, not the engine's
 code: results in ``benchmarks/results/fine-level-study-DATE.json``.
+Endpoint errors are in voxels of the 1 mm grid, i.e. mm.
 """
-import glob, sys, time
-import numpy as np, torch, torch.nn.functional as F
-import SimpleITK as sitk
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import sys
+import time
 from pathlib import Path
-from deepreglib.core.fields import integrate_velocity, resize_field
-from deepreglib.train.synth import random_velocity
-from deepreglib.core.warp import warp, sample_at, _central_differences
-from deepreglib.core.preprocess import normalize_intensity
-from deepreglib.classic.instance import instance_register, FROM_AFFINE, foreground_box, _smoothed
-from deepreglib.classic.optimise import _level
-from deepreglib.core.losses import GradientSmoothness, box_sum_cumsum
-from deepreglib.classic.adam import Adam
 
-torch.set_num_threads(int(sys.argv[1]) if len(sys.argv) > 1 and sys.argv[1].isdigit() else 1)
-subjects = sorted(glob.glob(str(Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "oasis_unlabeled" / "subject_*.nii.gz")))
+import numpy as np
+import SimpleITK as sitk
+import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+SHARED = HERE.parent.parent / "shared" / "data"
+
+from datasets import known_deformation  # noqa: E402
+from deepreglib.classic.adam import Adam  # noqa: E402
+from deepreglib.classic.instance import FROM_AFFINE, _smoothed, foreground_box, instance_register  # noqa: E402
+from deepreglib.classic.optimise import _level  # noqa: E402
+from deepreglib.core.fields import resize_field  # noqa: E402
+from deepreglib.core.losses import GradientSmoothness, box_sum_cumsum  # noqa: E402
+from deepreglib.core.preprocess import normalize_intensity  # noqa: E402
+from deepreglib.core.warp import _central_differences, sample_at, warp  # noqa: E402
 
 
-def case(i, spacing=1, std_mm=4.0):
-    img = sitk.ReadImage(subjects[i])
-    vol = torch.from_numpy(sitk.GetArrayFromImage(img).astype(np.float32))[None, None]
-    g = torch.Generator().manual_seed(40_000 + i)
-    small = [s // 2 for s in vol.shape[2:]]
-    v_small = random_velocity(small, g, std=std_mm / (2 * spacing), scale=12 / spacing)
-    v = F.interpolate(v_small, size=vol.shape[2:], mode="trilinear", align_corners=True) * 2
-    u = integrate_velocity(v)
-    w = integrate_velocity(-v)
+def case(path: Path, seed: int):
+    """``(fixed, moving, true field)`` of one val brain under the benchmark's kind of deformation."""
+    vol = torch.from_numpy(sitk.GetArrayFromImage(sitk.ReadImage(str(path))).astype(np.float32))[None, None]
+    u, w = known_deformation(vol.shape[2:], seed)
     return vol, warp(vol, w), u
 
 
@@ -67,6 +74,9 @@ class _SampleWithSlopes(torch.autograd.Function):
 
 def sparse_level(f, m, u0, steps=20, fraction=0.1, window=5, lr=0.5, weight=1.0, total=1.0, passes=1,
                  field_factor=2, tol=1e-4):
+    """One level on the 1 mm box images ``f``, ``m`` from the field ``u0`` (their voxels): the
+    field on a grid ``field_factor`` coarser, the similarity at the ``fraction`` of the foreground
+    voxels with the strongest fixed edges (module docstring). Returns ``(u, timings and counts)``."""
     t0 = time.perf_counter()
     shape = f.shape[2:]
     fn, mn = local_normalise(f, window), local_normalise(m, window)
@@ -111,37 +121,48 @@ def epe(u, gt, fg):
     return float((u - gt).pow(2).sum(1).sqrt()[0][fg].mean())
 
 
-if __name__ == "__main__":
-    import json
-    import datetime, platform
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("threads", nargs="?", type=int, default=1)
+    p.add_argument("variants", nargs="?", default="[{}]", help="JSON list of sparse_level keyword sets")
+    p.add_argument("--out", type=Path)
+    args = p.parse_args(argv)
+    subjects = sorted((SHARED / "oasis_unlabeled").glob("subject_*.nii.gz"))
     if not subjects:
-        sys.exit("fine_level_study needs ../shared/data/oasis_unlabeled (absent)")
-    variants = json.loads(sys.argv[2]) if len(sys.argv) > 2 else [{}]
-    out = Path(sys.argv[sys.argv.index("--out") + 1]) if "--out" in sys.argv else (
-        Path(__file__).parent / "results" / f"fine-level-study-{datetime.date.today().isoformat()}.json")
+        print(f"fine_level_study needs {SHARED / 'oasis_unlabeled'} (absent)", file=sys.stderr)
+        return 2
+    torch.set_num_threads(args.threads)
+    variants = json.loads(args.variants)
+    today = datetime.date.today().isoformat()
+    out = args.out or HERE / "results" / f"fine-level-study-{today}.json"
     rows = []
     for i in range(2):
-        fixed, moving, gt = case(i)
-        f = normalize_intensity(fixed); m = normalize_intensity(moving)
+        seed = 40_000 + i
+        fixed, moving, gt = case(subjects[i], seed)
+        f, m = normalize_intensity(fixed), normalize_intensity(moving)
         lo, hi = foreground_box(f, m)
         box = (Ellipsis,) + tuple(slice(a, b) for a, b in zip(lo, hi))
         fb, mb, gtb = f[box].contiguous(), m[box].contiguous(), gt[box]
         fg = fb[0, 0] > 0.05
         t = time.perf_counter()
-        f2, m2 = _level(fb, 2.0), _level(mb, 2.0)
-        u2 = instance_register(f2, m2, schedule=FROM_AFFINE, crop=False)
+        u2 = instance_register(_level(fb, 2.0), _level(mb, 2.0), schedule=FROM_AFFINE, crop=False)
         t_bal = time.perf_counter() - t
         u_bal = resize_field(u2, fb.shape[2:])
-        print(f"case {i} box {tuple(fb.shape[2:])} none {epe(torch.zeros_like(gtb), gtb, fg):.3f} "
-              f"balanced@2mm {epe(u_bal, gtb, fg):.3f} in {t_bal:.1f}s", flush=True)
-        rows.append({"case": i, "subject": Path(subjects[i]).name, "seed": 40_000 + i, "variant": "balanced@2mm",
-                     "epe_mm": epe(u_bal, gtb, fg), "epe_none_mm": epe(torch.zeros_like(gtb), gtb, fg),
+        none = epe(torch.zeros_like(gtb), gtb, fg)
+        print(f"case {i} box {tuple(fb.shape[2:])} none {none:.3f} balanced@2mm {epe(u_bal, gtb, fg):.3f} "
+              f"in {t_bal:.1f}s", flush=True)
+        common = {"case": i, "subject": subjects[i].name, "seed": seed}
+        rows.append({**common, "variant": "balanced@2mm", "epe_mm": epe(u_bal, gtb, fg), "epe_none_mm": none,
                      "seconds": t_bal})
         for v in variants:
             u, info = sparse_level(fb, mb, u_bal, **v)
             print(f"   {v}: {epe(u, gtb, fg):.3f} {info}", flush=True)
-            rows.append({"case": i, "subject": Path(subjects[i]).name, "seed": 40_000 + i, "variant": v,
-                         "epe_mm": epe(u, gtb, fg), **info})
-    out.write_text(json.dumps({"date": datetime.date.today().isoformat(), "threads": torch.get_num_threads(),
+            rows.append({**common, "variant": v, "epe_mm": epe(u, gtb, fg), **info})
+    out.write_text(json.dumps({"date": today, "threads": torch.get_num_threads(),
                                "machine": platform.processor() or platform.machine(), "rows": rows}, indent=1))
     print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
