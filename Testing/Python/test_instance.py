@@ -250,3 +250,17 @@ def test_adam_matches_torch_adam():
             ((x - 1) ** 4).sum().backward()
             o.step()
     assert torch.allclose(a, b, atol=1e-6)
+
+
+def test_box_mean3_backward_is_the_adjoint_of_its_forward():
+    """The written-out backward of the 3x3x3 mean (edges replicated) equals autograd through the
+    replicate padding, on grids of one, two and several voxels an axis."""
+    from deepreglib.classic.instance import _box_mean3, box_mean3
+    for shape in [(1, 3, 5, 6, 7), (1, 3, 1, 4, 2), (1, 3, 2, 1, 3)]:
+        x = torch.randn(*shape, dtype=torch.float64, generator=torch.Generator().manual_seed(2), requires_grad=True)
+        assert torch.autograd.gradcheck(box_mean3, (x,))
+        g = torch.randn(*shape, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+        ours, = torch.autograd.grad((box_mean3(x) * g).sum(), x)
+        want, = torch.autograd.grad((_box_mean3(x) * g).sum(), x)
+        assert torch.allclose(ours, want, atol=1e-12)
+        assert torch.equal(box_mean3(x.detach()), _box_mean3(x.detach()))

@@ -4,6 +4,9 @@
 """
 from __future__ import annotations
 
+import warnings
+
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -176,6 +179,133 @@ def warp_image_gradient(image: torch.Tensor, displacement: torch.Tensor,
         raise ValueError(f"displacement {tuple(displacement.shape)} and image {tuple(image.shape)} "
                          "must have the same batch size")
     return _WarpImageGradient.apply(image, displacement, padding)
+
+
+def points_in_memory_order(points: torch.Tensor, shape) -> torch.Tensor:
+    """The order that sorts ``points`` ``(P, 3)`` voxel ``(k, j, i)`` by the linear index of
+    their nearest voxel of a grid ``shape``: sampling a volume at sorted points reads it almost in
+    memory order (4-5x faster than at the same points in random order, at 400 k points of a
+    1 mm brain)."""
+    idx = points.round().long()
+    for axis, n in enumerate(shape):
+        idx[:, axis].clamp_(0, int(n) - 1)
+    return ((idx[:, 0] * int(shape[1]) + idx[:, 1]) * int(shape[2]) + idx[:, 2]).argsort()
+
+
+class _SampleWithSlopes(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, table, points):
+        with torch.no_grad():
+            out = _sample_points(table, points)
+        ctx.save_for_backward(out[1:])
+        return out[:1]
+
+    @staticmethod
+    def backward(ctx, grad):
+        (slopes,) = ctx.saved_tensors
+        return None, grad * slopes
+
+
+def _sample_points(table: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
+    """``table`` ``(1, C, D, H, W)`` at ``points`` ``(3, P)`` (border padding): ``(C, P)``.
+    torch's CPU grid sampler runs batch items in parallel and each on one thread, so the points
+    are cut into one batch item per thread over one expanded (not copied) table."""
+    n = points.shape[1]
+    parts = max(1, min(torch.get_num_threads(), n // 4096)) if table.device.type == "cpu" else 1
+    per = -(-n // parts)
+    pad = per * parts - n
+    pts = points if not pad else torch.cat([points, points[:, -1:].expand(3, pad)], dim=1)
+    pts = pts.view(3, parts, per).transpose(0, 1).reshape(parts, 3, 1, 1, per)
+    out = sample_at(table.expand(parts, *table.shape[1:]), pts, padding="border")
+    out = out.reshape(parts, table.shape[1], per).transpose(0, 1).reshape(table.shape[1], parts * per)
+    return out[:, :n] if pad else out
+
+
+def sample_with_slopes(table: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
+    """An image sampled (trilinearly, border padding) at moving points, differentiable in the
+    points through the image's own slopes: ``table`` ``(1, 4, D, H, W)`` holds the image and its
+    ``(k, j, i)`` derivatives (e.g. :func:`image_with_slopes`), ``points`` ``(3, P)`` voxel
+    coordinates. Returns ``(P,)``; ``d out / d points`` is the slopes sampled at the points. The
+    sparse counterpart of :func:`warp_image_gradient` (the same gradient at a list of points
+    instead of a whole grid): a step of an optimiser that scores a few hundred thousand points
+    costs in proportion to them. Sort the points first (:func:`points_in_memory_order`)."""
+    if table.ndim != 5 or table.shape[:2] != (1, 4) or points.ndim != 2 or points.shape[0] != 3:
+        raise ValueError(f"expected table (1, 4, D, H, W) and points (3, P), got {tuple(table.shape)} "
+                         f"and {tuple(points.shape)}")
+    if table.requires_grad:
+        raise ValueError("sample_with_slopes gives no gradient to the image")
+    return _SampleWithSlopes.apply(table, points)[0]
+
+
+def image_with_slopes(image: torch.Tensor) -> torch.Tensor:
+    """``(1, 4, D, H, W)``: ``image`` ``(1, 1, D, H, W)`` and its central differences, the
+    table of :func:`sample_with_slopes`."""
+    return torch.cat([image, _central_differences(image)], dim=1).contiguous()
+
+
+class PointInterpolation:
+    """Trilinear interpolation of fields on a grid ``shape`` at fixed points ``(3, P)`` (voxel
+    coordinates of that grid, clamped to it as border padding does), precomputed once as a sparse
+    matrix: ``self(field)`` ``(1, C, D, H, W)`` -> ``(C, P)``, differentiable in the field (its
+    backward is the transposed matrix). For an optimiser whose field is sampled at the same
+    points every step: forward and backward 3-4x faster than ``grid_sample``'s on 2 cores,
+    whose backward scatters on one thread."""
+
+    def __init__(self, shape, points: torch.Tensor):
+        shape = tuple(int(s) for s in shape)
+        if points.ndim != 2 or points.shape[0] != 3:
+            raise ValueError(f"points must be (3, P), got {tuple(points.shape)}")
+        self.shape = shape
+        n_points, n_voxels = points.shape[1], int(np.prod(shape))
+        lo, frac = [], []
+        for axis, n in enumerate(shape):
+            x = points[axis].clamp(0, n - 1)
+            base = x.floor().clamp(max=max(n - 2, 0))
+            lo.append(base.long())
+            frac.append(x - base if n > 1 else torch.zeros_like(x))
+        strides = (shape[1] * shape[2], shape[2], 1)
+        cols, weights = [], []
+        for corner in range(8):
+            offs = ((corner >> 2) & 1, (corner >> 1) & 1, corner & 1)
+            cols.append(sum((lo[a] + min(offs[a], shape[a] - 1)) * strides[a] for a in range(3)))
+            w = torch.ones_like(frac[0])
+            for a in range(3):
+                w = w * (frac[a] if offs[a] else 1.0 - frac[a])
+            weights.append(w)
+        # CSR built directly (no coalescing: 1.3 s at a million points): row p holds its 8
+        # corners (a corner repeated at a grid of one voxel sums, as it should); the transpose
+        # by one sort of the columns
+        cols = torch.stack(cols, dim=1).reshape(-1)
+        weights = torch.stack(weights, dim=1).reshape(-1)
+        device = points.device
+        crow = torch.arange(0, 8 * n_points + 1, 8, device=device)
+        order = torch.argsort(cols)
+        counts = torch.bincount(cols, minlength=n_voxels)
+        t_crow = torch.cat([torch.zeros(1, dtype=torch.long, device=device), counts.cumsum(0)])
+        with warnings.catch_warnings():  # torch calls CSR tensors beta; the product is stable
+            warnings.simplefilter("ignore")
+            self.matrix = torch.sparse_csr_tensor(crow, cols, weights, (n_points, n_voxels))
+            self.transposed = torch.sparse_csr_tensor(t_crow, order // 8, weights[order], (n_voxels, n_points))
+
+    def __call__(self, field: torch.Tensor) -> torch.Tensor:
+        if field.ndim != 5 or field.shape[0] != 1 or tuple(field.shape[2:]) != self.shape:
+            raise ValueError(f"field must be (1, C, {', '.join(map(str, self.shape))}), got "
+                             f"{tuple(field.shape)}")
+        return _Interpolate.apply(field, self)
+
+
+class _Interpolate(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, field, interp):
+        ctx.interp, ctx.field_shape = interp, field.shape
+        c = field.shape[1]
+        return (interp.matrix @ field.detach().reshape(c, -1).t().contiguous()).t().contiguous()
+
+    @staticmethod
+    def backward(ctx, grad):
+        interp = ctx.interp
+        g = interp.transposed @ grad.t().contiguous()
+        return g.t().reshape(ctx.field_shape), None
 
 
 class SpatialTransformer(nn.Module):
