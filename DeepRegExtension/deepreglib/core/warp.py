@@ -279,7 +279,7 @@ class PointInterpolation:
         weights = torch.stack(weights, dim=1).reshape(-1)
         device = points.device
         crow = torch.arange(0, 8 * n_points + 1, 8, device=device)
-        order = torch.argsort(cols)
+        order = torch.argsort(cols.int() if n_voxels < 2 ** 31 else cols)  # int32 sorts 2x faster
         counts = torch.bincount(cols, minlength=n_voxels)
         t_crow = torch.cat([torch.zeros(1, dtype=torch.long, device=device), counts.cumsum(0)])
         with warnings.catch_warnings():  # torch calls CSR tensors beta; the product is stable
