@@ -91,8 +91,7 @@ def edge_points(normalised: torch.Tensor, foreground: torch.Tensor, fraction: fl
     """Linear indices (ascending, i.e. memory order) of the ``fraction`` of the ``foreground``
     voxels where ``normalised`` ``(1, 1, D, H, W)`` has the largest gradient magnitude; at least
     one point when the foreground is not empty, none when it is."""
-    from ..core.warp import _central_differences
-    g = _central_differences(normalised).pow(2).sum(dim=1)[0]
+    g = image_with_slopes(normalised)[:, 1:].pow(2).sum(dim=1)[0]
     count = int(foreground.sum())
     k = max(1, int(fraction * count)) if count else 0
     if k == 0:
