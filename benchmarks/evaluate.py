@@ -308,7 +308,7 @@ def _summary_line(r: dict) -> str:
 # -- the run --------------------------------------------------------------------------------------
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--datasets", nargs="*", default=list(DATASETS), choices=list(DATASETS),
+    p.add_argument("--datasets", nargs="*", default=None, choices=list(DATASETS),
                    help="built-in datasets (default all; none with --datasets and no name, e.g. for --pairs-dir)")
     p.add_argument("--pairs-dir", default=None,
                    help="also run on your own pairs: DIR/<case>/fixed.*, moving.*, optional fixed_labels.*, "
@@ -337,9 +337,12 @@ def main(argv=None):
                         "new weights) and replace their rows in it; the other rows stay; the file records "
                         "each update")
     args = p.parse_args(argv)
+    named_datasets = args.datasets
+    if args.datasets is None:
+        args.datasets = list(DATASETS)
     previous = None
     if args.update:
-        previous = _load_for_update(args)
+        previous = _load_for_update(args, named_datasets)
     if args.refine is None:
         args.refine = QUICK_REFINE_STEPS if args.quick else REFINE_STEPS
     configs = select({**engine_configs(args.refine), **extra_configs(args.extra, args.refine), **peer_configs()},
@@ -410,9 +413,11 @@ def main(argv=None):
     print(f"wrote {path} ({time.perf_counter() - t_start:.0f} s)")
 
 
-def _load_for_update(args) -> dict:
+def _load_for_update(args, named_datasets: Optional[List[str]] = None) -> dict:
     """The results file ``--update`` names, with ``args`` set to its settings (datasets, quick,
-    refinement steps, threads); refuses a run whose configurations are not named."""
+    refinement steps, threads); refuses a run whose configurations are not named. Datasets named
+    with ``--datasets`` narrow the rerun to those of the file (a name the file lacks is refused);
+    without it every dataset of the file is rerun."""
     path = Path(args.update)
     if not path.is_file():
         raise SystemExit(f"--update {path}: no such results file")
@@ -421,7 +426,15 @@ def _load_for_update(args) -> dict:
         raise SystemExit(f"--update {path}: a format-{previous.get('format', 1)} file; only format 2 can be updated")
     if not args.methods:
         raise SystemExit("--update needs --methods: the configurations to rerun (e.g. --methods amdf amdf+refine)")
-    args.datasets = sorted({c["dataset"] for c in previous["cases"].values()})
+    in_file = sorted({c["dataset"] for c in previous["cases"].values()})
+    if named_datasets:
+        missing = sorted(set(named_datasets) - set(in_file))
+        if missing:
+            raise SystemExit(f"--update {path}: it has no {', '.join(missing)} cases (it has "
+                             f"{', '.join(in_file)}); run those without --update")
+        args.datasets = [d for d in in_file if d in named_datasets]
+    else:
+        args.datasets = in_file
     args.quick = bool(previous.get("quick"))
     args.refine = previous.get("refine_steps", args.refine)
     args.threads = previous.get("machine", {}).get("threads", args.threads)

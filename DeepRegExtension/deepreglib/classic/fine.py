@@ -107,8 +107,9 @@ def fine_register(fixed: torch.Tensor, moving: torch.Tensor, displacement: torch
     (module docstring). ``fixed``, ``moving``: ``(1, 1, D, H, W)``, intensities in [0, 1].
 
     Returns ``(u, info)``: the refined displacement (detached; folding repaired by
-    :func:`~deepreglib.classic.instance.unfold` on the field's grid, then on the images'), and ``steps``, ``points`` and the
-    field's shape. Outside the foreground box the field is its border value, as the pyramid's."""
+    :func:`~deepreglib.classic.instance.unfold` on the field's grid, then on the images'), and
+    ``steps``, ``points`` and the field's shape. Outside the foreground box the field is its
+    border value, as the pyramid's."""
     _check_pair(fixed, moving)
     shape = tuple(fixed.shape[2:])
     if tuple(displacement.shape) != (1, 3) + shape:

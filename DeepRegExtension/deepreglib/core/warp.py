@@ -209,16 +209,23 @@ class _SampleWithSlopes(torch.autograd.Function):
 def _sample_points(table: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
     """``table`` ``(1, C, D, H, W)`` at ``points`` ``(3, P)`` (border padding): ``(C, P)``.
     torch's CPU grid sampler runs batch items in parallel and each on one thread, so the points
-    are cut into one batch item per thread over one expanded (not copied) table."""
+    are cut into one batch item per thread over one expanded (not copied) table. The sampling
+    grid is written once in ``grid_sample``'s order (normalised ``x, y, z`` last), and the
+    output of each item is a contiguous run of the points."""
     n = points.shape[1]
+    c = table.shape[1]
     parts = max(1, min(torch.get_num_threads(), n // 4096)) if table.device.type == "cpu" else 1
     per = -(-n // parts)
-    pad = per * parts - n
-    pts = points if not pad else torch.cat([points, points[:, -1:].expand(3, pad)], dim=1)
-    pts = pts.view(3, parts, per).transpose(0, 1).reshape(parts, 3, 1, 1, per)
-    out = sample_at(table.expand(parts, *table.shape[1:]), pts, padding="border")
-    out = out.reshape(parts, table.shape[1], per).transpose(0, 1).reshape(table.shape[1], parts * per)
-    return out[:, :n] if pad else out
+    sizes = [max(int(s) - 1, 1) for s in table.shape[2:]]  # (D, H, W)
+    grid = torch.empty(parts * per, 3, dtype=table.dtype, device=table.device)
+    for axis in range(3):  # grid's last axis is (x, y, z) = (i, j, k)
+        torch.mul(points[axis], 2.0 / sizes[axis], out=grid[:n, 2 - axis]).sub_(1.0)
+    if parts * per > n:
+        grid[n:] = grid[n - 1]
+    out = F.grid_sample(table.expand(parts, *table.shape[1:]), grid.view(parts, 1, 1, per, 3),
+                        mode="bilinear", padding_mode="border", align_corners=ALIGN_CORNERS)
+    out = out.view(parts, c, per).transpose(0, 1).reshape(c, parts * per)
+    return out[:, :n] if parts * per > n else out
 
 
 def sample_with_slopes(table: torch.Tensor, points: torch.Tensor) -> torch.Tensor:

@@ -40,7 +40,7 @@ PRESETS: Dict[str, Preset] = {p.name: p for p in (
     Preset("balanced", "Balanced (recommended)",
            "Automatic alignment, then the fast instance optimiser on the pair: on 40 unaligned "
            "brain registrations more accurate than greedy and ANTs SyN, in under a third of SyN's time. "
-           "On 1 mm scans it adds a last level at 1 mm: 14-16 s on 1 mm brains "
+           "On 1 mm scans it adds a last level at 1 mm: 12-16 s on 1 mm brains "
            "(benchmarks/results/accuracy-2026-12-07-other-datasets-fine-level.json).",
            init="auto", method="instance", method_options={"schedule": "balanced"},
            expected_seconds={"cpu": 3.9}, measured="benchmarks/results/accuracy-2026-12-07-real-pairs-40-image-gradient.json"),

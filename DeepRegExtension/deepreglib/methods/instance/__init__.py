@@ -10,12 +10,14 @@ SPEC = MethodSpec(
         title="Fast instance optimisation (no network)",
         description="Coarse-to-fine optimisation of a smooth displacement field on the given pair "
                     "(local NCC from running sums, on the foreground box, each level stopping when "
-                    "it converges; folding repaired). The engine of the balanced and accurate presets.",
+                    "it converges; folding repaired), and on data finer than the network grid a last, "
+                    "sparse level at the data's resolution (the strongest edges only). The engine of "
+                    "the balanced and accurate presets.",
         kind="deformable",
         weights=None,
         implementation=f"{__name__}.method:InstanceMethod",
         outputs=("displacement",),
-        expected_seconds={"cpu": 8.0, "cuda": 1.0},
+        expected_seconds={"cpu": 15.0, "cuda": 1.0},
         input_note="Same-modality 3D pair, roughly aligned (--init auto does it).",
         supports_refine=False,
         reference="ConvexAdam's Adam stage (Siebert, Hansen and Heinrich 2021); greedy (Yushkevich et al.)",
