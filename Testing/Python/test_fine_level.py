@@ -9,8 +9,7 @@ from deepreglib.classic.fine import FineLevel, edge_points, fine_register, local
 from deepreglib.core.fields import invert_displacement
 from deepreglib.core.geometry import Grid
 from deepreglib.core.jacobian import jacobian_determinant
-from deepreglib.core.warp import (PointInterpolation, image_with_slopes, points_in_memory_order, sample_at,
-                                  sample_with_slopes, warp)
+from deepreglib.core.warp import PointInterpolation, image_with_slopes, sample_at, sample_with_slopes, warp
 
 from test_instance import _blobs, _smooth_field
 
@@ -67,17 +66,6 @@ def test_sample_with_slopes_values_and_gradient():
     assert torch.allclose(g, torch.tensor([0.5, -0.25, 0.125]).view(3, 1).expand_as(g), atol=1e-5)
     with pytest.raises(ValueError, match="expected table"):
         sample_with_slopes(image, pts)
-
-
-def test_points_in_memory_order_sorts_by_linear_index():
-    shape = (5, 6, 7)
-    pts = _points(shape, 300).t()
-    order = points_in_memory_order(pts, shape)
-    idx = pts[order].round().long()
-    for axis, n in enumerate(shape):
-        idx[:, axis].clamp_(0, n - 1)
-    linear = (idx[:, 0] * 6 + idx[:, 1]) * 7 + idx[:, 2]
-    assert bool((linear[1:] >= linear[:-1]).all()) and sorted(order.tolist()) == list(range(300))
 
 
 def test_edge_points_are_the_strongest_edges_inside_the_foreground():

@@ -27,10 +27,9 @@ brains under a known deformation, which this level cuts by a quarter to a third.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Optional, Tuple
+from typing import Tuple
 
 import torch
-import torch.nn.functional as F
 
 from ..core.errors import CancelledError
 from ..core.fields import resize_field
@@ -38,12 +37,8 @@ from ..core.losses import GradientSmoothness, box_sum_cumsum
 from ..core.resample import downsampled_shape
 from ..core.warp import PointInterpolation, image_with_slopes, sample_with_slopes
 from .adam import Adam
-from .instance import _smoothed, foreground_box, unfold
+from .instance import CancelFn, ProgressFn, _smoothed, foreground_box, uncrop, unfold
 from .optimise import _check_pair
-
-ProgressFn = Optional[Callable[[float, str], None]]
-CancelFn = Optional[Callable[[], bool]]
-
 
 @dataclass(frozen=True)
 class FineLevel:
@@ -163,7 +158,4 @@ def fine_register(fixed: torch.Tensor, moving: torch.Tensor, displacement: torch
         # images' resolution (usually nothing: one Jacobian)
         q = unfold(base + _smoothed(p.detach(), level.smooth_passes))
         u = unfold(resize_field(q, box_shape), iterations=5)
-    pad = []
-    for axis in (2, 1, 0):  # F.pad lists the last axis first
-        pad += [lo[axis], shape[axis] - hi[axis]]
-    return (F.pad(u, pad, mode="replicate") if any(pad) else u), info
+    return uncrop(u, lo, hi, shape), info

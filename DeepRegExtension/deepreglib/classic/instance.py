@@ -201,6 +201,16 @@ def foreground_box(fixed: torch.Tensor, moving: torch.Tensor, threshold: float =
     return lo, hi
 
 
+def uncrop(u: torch.Tensor, lo, hi, shape) -> torch.Tensor:
+    """A field found on the box ``[lo, hi)`` of a grid ``shape`` (:func:`foreground_box`) on the
+    whole grid: outside the box, the border value of the field inside (continuous, so it does
+    not fold)."""
+    pad = []
+    for axis in (2, 1, 0):  # F.pad lists the last axis first
+        pad += [lo[axis], shape[axis] - hi[axis]]
+    return F.pad(u, pad, mode="replicate") if any(pad) else u
+
+
 def box_mean3(u: torch.Tensor) -> torch.Tensor:
     """3x3x3 mean, edges replicated; separable (three sums of three shifted views: 9 additions
     a voxel instead of ``avg_pool3d``'s 27, and elementwise, so it uses every thread; 3x faster
@@ -375,10 +385,7 @@ def instance_register(fixed: torch.Tensor, moving: torch.Tensor,
             if schedule.increments:
                 u = base + u
     u = unfold(resize_field(u, box_shape))
-    pad = []
-    for axis in (2, 1, 0):  # F.pad lists the last axis first
-        pad += [lo[axis], shape[axis] - hi[axis]]
-    out = F.pad(u, pad, mode="replicate") if any(pad) else u
+    out = uncrop(u, lo, hi, shape)
     if progress is not None:
         progress(1.0, "instance optimisation done")
     return out

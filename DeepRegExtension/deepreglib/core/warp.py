@@ -181,17 +181,6 @@ def warp_image_gradient(image: torch.Tensor, displacement: torch.Tensor,
     return _WarpImageGradient.apply(image, displacement, padding)
 
 
-def points_in_memory_order(points: torch.Tensor, shape) -> torch.Tensor:
-    """The order that sorts ``points`` ``(P, 3)`` voxel ``(k, j, i)`` by the linear index of
-    their nearest voxel of a grid ``shape``: sampling a volume at sorted points reads it almost in
-    memory order (4-5x faster than at the same points in random order, at 400 k points of a
-    1 mm brain)."""
-    idx = points.round().long()
-    for axis, n in enumerate(shape):
-        idx[:, axis].clamp_(0, int(n) - 1)
-    return ((idx[:, 0] * int(shape[1]) + idx[:, 1]) * int(shape[2]) + idx[:, 2]).argsort()
-
-
 class _SampleWithSlopes(torch.autograd.Function):
     @staticmethod
     def forward(ctx, table, points):
@@ -235,7 +224,9 @@ def sample_with_slopes(table: torch.Tensor, points: torch.Tensor) -> torch.Tenso
     coordinates. Returns ``(P,)``; ``d out / d points`` is the slopes sampled at the points. The
     sparse counterpart of :func:`warp_image_gradient` (the same gradient at a list of points
     instead of a whole grid): a step of an optimiser that scores a few hundred thousand points
-    costs in proportion to them. Sort the points first (:func:`points_in_memory_order`)."""
+    costs in proportion to them. Give the points in memory order (ascending linear index of
+    their voxels): sampling then reads the volume almost in order, 4-5x faster than at the same
+    points in random order (400 k points of a 1 mm brain)."""
     if table.ndim != 5 or table.shape[:2] != (1, 4) or points.ndim != 2 or points.shape[0] != 3:
         raise ValueError(f"expected table (1, 4, D, H, W) and points (3, P), got {tuple(table.shape)} "
                          f"and {tuple(points.shape)}")
