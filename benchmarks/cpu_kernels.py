@@ -3,7 +3,7 @@
 - the warp (``F.grid_sample``, forward and backward) as one call, whose 3D CPU kernel runs a lone
   image on one thread, against ``core/warp._sample``, which cuts the grid into one slab per thread;
 - the 3x3x3 smoother as ``avg_pool3d`` against the separable sum of shifted views
-  (``classic/instance.box_mean3``);
+  (``classic/smoothing.box_mean3``);
 - the field's resize to the image grid (the finest level's field lives on a 2x coarser grid) as
   ``F.interpolate`` against ``core/fields.resize_field``'s three matrix products on the CPU;
 - local NCC's box sums (three channels, window 5) as autograd through ``cumsum`` (the code before
@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from deepreglib.classic.instance import box_mean3
+from deepreglib.classic.smoothing import box_mean3
 from deepreglib.core import warp as warp_module
 from deepreglib.core.fields import resize_field
 from deepreglib.core.losses import box_sum_cumsum

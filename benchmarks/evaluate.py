@@ -102,6 +102,11 @@ def engine_configs(refine: int, quiet: bool = False) -> Dict[str, dict]:
             for preset in ("balanced", "accurate"):
                 out[f"preset-{preset}-different"] = {"kind": "engine", "name": None, "preset": preset,
                                                      "refine": 0, "qa": True, "contrast": "different"}
+            # the same from the centred boxes (--init none): a small field of view of another
+            # modality, where the automatic alignment fails (MR to ultrasound)
+            out["preset-balanced-different-centred"] = {"kind": "engine", "name": None, "preset": "balanced",
+                                                        "refine": 0, "qa": True, "contrast": "different",
+                                                        "init": "none"}
         # refinement optimises a field: a rigid/affine method's run would ignore it
         if refine > 0 and info.supports_refine and info.kind == "deformable":
             out[f"{name}+refine"] = {"kind": "engine", "name": name, "refine": refine}

@@ -1,8 +1,9 @@
 """Tune the instance optimiser's schedules on validation pairs only (never on test): Dice, endpoint
 error, folding, SDlogJ and the time of the optimisation stage, per schedule, on the same pairs.
 
-    python benchmarks/instance_tuning.py [--sets ixi synthetic known] [--pairs 3] [--threads 2]
-                                         [--out FILE.json] [--schedule NAME=JSON ...] [--only NAME ...]
+    python benchmarks/instance_tuning.py [--sets ixi synthetic known prostate] [--pairs 3] [--threads 2]
+                                         [--similarity lncc|mind] [--out FILE.json]
+                                         [--schedule NAME=JSON ...] [--only NAME ...]
 
 The sets (none of them holds a pair of the benchmark's test data):
 
@@ -11,20 +12,26 @@ The sets (none of them holds a pair of the benchmark's test data):
   seeds 30 000 on, where the benchmark's synthetic pairs are seeds 10 000 on;
 * ``known``: the unlabelled OASIS brains at 1 mm (``oasis_unlabeled``, no test subject of any
   benchmark set) warped by the brain_aseg benchmark's kind of random diffeomorphism
-  (``datasets.known_deformation_cases``, seeds 40 000 on): endpoint error against the true field.
+  (``datasets.known_deformation_cases``, seeds 40 000 on): endpoint error against the true field;
+* ``prostate``: MR to transrectal ultrasound pairs of the prostate_mr_trus **train** split (as
+  ``datasets.prostate_cases``; gland Dice), from the centred boxes (no alignment: it fails there),
+  usually with ``--similarity mind``.
 
-Each pair is aligned once (``--init auto``; its ``initial_transform.tfm`` is reused by every
-schedule, so the numbers compare the optimiser alone); every schedule then runs in this process
+Each pair is aligned once (``--init auto``, except ``prostate``; its ``initial_transform.tfm`` is
+reused by every schedule, so the numbers compare the optimiser alone); every schedule then runs in this process
 through ``deepreglib.cli.main`` (``--initial-transform``, ``--init none``, ``--no-qa``) and its
 written transform is scored by ``evaluate.score``, the benchmark's own scorer (Dice over all the
 fixed map's labels, endpoint error inside the foreground, folding, SDlogJ); time is the manifest's
 ``inference`` stage. ``--schedule fast2='{"levels": [4, 2], "steps": [60, 40]}'`` adds a variant
-(fields of :class:`deepreglib.classic.instance.Schedule`); the named schedules of the engine
+(fields of :class:`deepreglib.classic.instance.Schedule`; ``"base": "balanced"`` changes only the
+given fields of that schedule, and ``"convex": {...}`` gives a
+:class:`deepreglib.classic.convex.ConvexStep`); the named schedules of the engine
 always run unless ``--only`` names some. Results: ``benchmarks/results/instance-tuning-DATE.json``.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import itertools
 import json
@@ -64,9 +71,19 @@ def known_val_pairs(folder: Path, n: int):
                                            [40_000 + i])
 
 
+def prostate_train_pairs(folder: Path, n: int):
+    from datasets import prostate_cases
+    cases = list(prostate_cases(folder, "train"))
+    yield from cases[::max(1, len(cases) // n)][:n]
+
+
 SETS = {"ixi": (ixi_val_pairs, SHARED / "ixi_muse" / "splits.json"),
         "synthetic": (synthetic_val_pairs, None),
-        "known": (known_val_pairs, SHARED / "oasis_unlabeled")}
+        "known": (known_val_pairs, SHARED / "oasis_unlabeled"),
+        "prostate": (prostate_train_pairs, SHARED / "prostate_mr_trus" / "train")}
+#: The start of each set's schedules: ``--init auto``, except the MR to ultrasound pairs, which
+#: start from the centred boxes (the alignment fails there, docs/BENCHMARKS.md).
+INIT = {"prostate": "none"}
 
 
 def _run(argv):
@@ -83,6 +100,8 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--schedule", action="append", default=[], metavar="NAME=JSON")
     p.add_argument("--only", nargs="*", help="run only these schedule names")
+    p.add_argument("--similarity", choices=["lncc", "mind"], default="lncc",
+                   help="the instance method's similarity (mind: different contrasts)")
     p.add_argument("--out", type=Path)
     args = p.parse_args(argv)
     for name in args.sets:
@@ -95,7 +114,9 @@ def main(argv=None) -> int:
     for text in args.schedule:
         name, _, spec = text.partition("=")
         fields = json.loads(spec)
-        SCHEDULES[name] = Schedule(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})
+        base = fields.pop("base", None)  # "base": "balanced": that schedule with the given fields changed
+        fields = {k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()}
+        SCHEDULES[name] = dataclasses.replace(SCHEDULES[base], **fields) if base else Schedule(**fields)
     names = args.only or list(SCHEDULES)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -105,16 +126,20 @@ def main(argv=None) -> int:
                 common = ["--fixed", pair["fixed"], "--moving", pair["moving"],
                           "--threads", str(args.threads), "--no-qa", "--progress", "none"]
                 start = tmp / f"{pair['name']}-init"
-                _run(["register", *common, "--init", "auto", "--method", "instance", "--out", str(start)])
+                init = []
+                if INIT.get(set_name, "auto") != "none":
+                    _run(["register", *common, "--init", "auto", "--method", "instance", "--out", str(start)])
+                    init = ["--initial-transform", str(start / "initial_transform.tfm")]
                 for name in names:
                     out = tmp / f"{pair['name']}-{name}"
-                    _run(["register", *common, "--init", "none", "--initial-transform",
-                          str(start / "initial_transform.tfm"), "--method", "instance",
-                          "--method-option", f"schedule={name}", "--out", str(out)])
+                    _run(["register", *common, "--init", "none", *init, "--method", "instance",
+                          "--method-option", f"schedule={name}", "--method-option",
+                          f"similarity={args.similarity}", "--out", str(out)])
                     m = json.loads((out / "manifest.json").read_text())
                     transform = next(o for o in m["outputs"] if o["name"] == "transform")
                     scored = score(pair, str(out / transform["path"]), transform["kind"])
                     rows.append({"set": set_name, "pair": pair["name"], "schedule": name,
+                                 "dice_before": scored.get("dice_mean_before"),
                                  "dice_after": scored.get("dice_mean_after"),
                                  "epe_mm": scored.get("epe_mm", {}).get("mean"),
                                  "folding_percent": scored["folding_percent"],
@@ -126,7 +151,7 @@ def main(argv=None) -> int:
         for name in names:
             mine = [r for r in rows if r["schedule"] == name and r["set"] == set_name]
             entry = {k: statistics.mean(r[k] for r in mine) for k in
-                     ("dice_after", "epe_mm", "folding_percent", "sd_log_jacobian", "seconds")
+                     ("dice_before", "dice_after", "epe_mm", "folding_percent", "sd_log_jacobian", "seconds")
                      if mine and all(isinstance(r[k], (int, float)) for r in mine)}
             summary.setdefault(name, {"schedule": {k: list(v) if isinstance(v, tuple) else v
                                                    for k, v in asdict(SCHEDULES[name]).items()}})[set_name] = entry

@@ -13,7 +13,8 @@ result of ``evaluate.py`` adds the start-up and imports.
 SPEC keys: ``kind`` (``engine`` or ``peer``), ``name`` (method or peer name; None for a preset),
 ``fixed``, ``moving``, ``out`` (a new folder), and for engine runs ``preset``, ``refine``,
 ``device``, ``threads``, ``qa`` (presets run as users run them: QA picture drawn), ``contrast``
-(``same`` or ``different``, the run's ``--contrast``).
+(``same`` or ``different``, the run's ``--contrast``), ``init`` (the run's ``--init``; the
+preset's when absent).
 Imports are kept inside the branches: a peer's process never imports torch.
 """
 from __future__ import annotations
@@ -53,7 +54,7 @@ def run_engine(spec: dict) -> dict:
                            preset=spec.get("preset"), device=spec.get("device", "cpu"),
                            refine=int(spec.get("refine", 0)), qa=bool(spec.get("qa", False)),
                            threads=spec.get("threads"), weights=spec.get("weights"),
-                           contrast=spec.get("contrast", "same"))
+                           contrast=spec.get("contrast", "same"), init=spec.get("init"))
     t0 = time.perf_counter()
     manifest_path = register(opts)
     wall = time.perf_counter() - t0

@@ -40,6 +40,18 @@ def _smooth_field(shape, amplitude, seed=1):
     return u
 
 
+def inverted_contrast_pair():
+    """``(fixed, moving, want, inside)``: the phantom, warped by the smooth field of up to 3
+    voxels with its contrast turned upside down inside the object; the field that registers it
+    back, and the object's voxels."""
+    from deepreglib.core.fields import invert_displacement
+    f = _blobs()
+    truth = _smooth_field(f.shape[2:], 3.0)
+    m = warp(f, -truth)
+    inverted = torch.where(m > 0.05, 1.0 - m, torch.zeros_like(m))
+    return f, inverted, invert_displacement(-truth, iterations=50), f[0, 0] > 0
+
+
 def test_identity_in_identity_out():
     """Within 1 voxel everywhere and 0.3 voxel on average (0.22 and 0.11 measured; 0.26 and 0.18
     with the interpolation's gradient, 0.6 and 0.23 with the whole-field schedule before
@@ -108,13 +120,7 @@ def test_a_different_contrast_is_recovered_with_mind_and_not_with_local_ncc():
     (bright becomes dark, as between T1 and T2 MR or MR and CT): local NCC pulls the field the
     wrong way (median error 4.1 voxels, from 1.6 before), MIND-SSC recovers it nearly as well as
     local NCC does the same-contrast pair (0.70 measured; 0.57 for local NCC on the same contrast)."""
-    from deepreglib.core.fields import invert_displacement
-    f = _blobs()
-    truth = _smooth_field(f.shape[2:], 3.0)
-    m = warp(f, -truth)
-    inverted = torch.where(m > 0.05, 1.0 - m, torch.zeros_like(m))
-    want = invert_displacement(-truth, iterations=50)
-    inside = f[0, 0] > 0
+    f, inverted, want, inside = inverted_contrast_pair()
     before = float(want.norm(dim=1)[0][inside].median())
     errors = {}
     for similarity in ("mind", "lncc"):
@@ -255,7 +261,7 @@ def test_adam_matches_torch_adam():
 def test_box_mean3_backward_is_the_adjoint_of_its_forward():
     """The written-out backward of the 3x3x3 mean (edges replicated) equals autograd through the
     replicate padding, on grids of one, two and several voxels an axis."""
-    from deepreglib.classic.instance import _box_mean3, box_mean3
+    from deepreglib.classic.smoothing import _box_mean3, box_mean3
     for shape in [(1, 3, 5, 6, 7), (1, 3, 1, 4, 2), (1, 3, 2, 1, 3)]:
         x = torch.randn(*shape, dtype=torch.float64, generator=torch.Generator().manual_seed(2), requires_grad=True)
         assert torch.autograd.gradcheck(box_mean3, (x,))

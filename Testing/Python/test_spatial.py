@@ -202,7 +202,7 @@ def test_split_sampler_equals_one_call(padding, depth, monkeypatch):
 
 
 def test_separable_smoother_is_the_box_mean():
-    from deepreglib.classic.instance import box_mean3
+    from deepreglib.classic.smoothing import box_mean3
     u = torch.rand(1, 3, 9, 11, 7, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     box = torch.nn.functional.avg_pool3d(torch.nn.functional.pad(u, (1,) * 6, mode="replicate"), 3, stride=1)
     assert torch.allclose(box_mean3(u), box, rtol=0, atol=1e-14)

@@ -37,7 +37,8 @@ from ..core.losses import GradientSmoothness, box_sum_cumsum
 from ..core.resample import downsampled_shape
 from ..core.warp import PointInterpolation, image_with_slopes, sample_with_slopes
 from .adam import Adam
-from .instance import CancelFn, ProgressFn, _smoothed, foreground_box, uncrop, unfold
+from .instance import CancelFn, ProgressFn, foreground_box, uncrop, unfold
+from .smoothing import smoothed
 from .optimise import _check_pair
 
 @dataclass(frozen=True)
@@ -139,7 +140,7 @@ def fine_register(fixed: torch.Tensor, moving: torch.Tensor, displacement: torch
             raise CancelledError("instance optimisation cancelled")
         optimiser.lr = level.lr * (1.0 - 0.9 * step / max(level.steps - 1, 1))
         optimiser.zero_grad()
-        d = _smoothed(p, level.smooth_passes)
+        d = smoothed(p, level.smooth_passes)
         q = base + d
         warped = sample_with_slopes(table, kji + interp(q) / scale)
         loss = 0.5 * (warped - target).pow(2).mean() + level.smooth_weight * smooth(d)
@@ -156,6 +157,6 @@ def fine_register(fixed: torch.Tensor, moving: torch.Tensor, displacement: torch
     with torch.no_grad():
         # repaired on the field's grid (cheap), then what the upsampling still folds at the
         # images' resolution (usually nothing: one Jacobian)
-        q = unfold(base + _smoothed(p.detach(), level.smooth_passes))
+        q = unfold(base + smoothed(p.detach(), level.smooth_passes))
         u = unfold(resize_field(q, box_shape), iterations=5)
     return uncrop(u, lo, hi, shape), info

@@ -49,6 +49,8 @@ from ..core.resample import downsampled_shape
 from ..core.warp import warp, warp_image_gradient
 from .optimise import _check_pair, _label_maps, _Landmarks, _level, _resize_labels
 from .adam import Adam
+from .convex import ConvexStep, convex_register
+from .smoothing import box_mean3, smoothed
 
 ProgressFn = Optional[Callable[[float, str], None]]
 CancelFn = Optional[Callable[[], bool]]
@@ -79,7 +81,9 @@ class Schedule:
     * ``increments``: each level optimises an increment ``d`` over the field ``b`` the level
       before found (``u = b + d``), else the whole field ``u`` (starting from ``b``);
     * ``smooth_weight``: the diffusion weight on what the level optimises (``d`` or ``u``);
-    * ``total_weight``: with ``increments``, a diffusion weight on the whole field ``u`` too.
+    * ``total_weight``: with ``increments``, a diffusion weight on the whole field ``u`` too;
+    * ``convex``: a coarse discrete step before the pyramid (:class:`~deepreglib.classic.convex.ConvexStep`,
+      ConvexAdam's search and coupled convex optimisation), or None.
 
     Diffusion on the whole field pulls every displacement gradient towards zero, the true ones
     included: a smooth deformation found at the coarse levels is shrunk again at the finest.
@@ -109,6 +113,7 @@ class Schedule:
     increments: bool = False
     total_weight: PerLevel = 0.0
     warp_gradient: Union[str, Tuple[str, ...]] = "trilinear"
+    convex: Optional[ConvexStep] = None
 
     def __post_init__(self):
         if len(self.levels) != len(self.steps) or not self.levels:
@@ -133,6 +138,9 @@ class Schedule:
             raise ValueError(f"warp_gradient must be one of {WARP_GRADIENTS} or one per level "
                              f"({len(self.levels)}), got {self.warp_gradient!r}")
         object.__setattr__(self, "warp_gradient", gradients)
+        if isinstance(self.convex, dict):  # from JSON (benchmarks/instance_tuning.py --schedule)
+            object.__setattr__(self, "convex", ConvexStep(**{k: tuple(v) if isinstance(v, list) else v
+                                                             for k, v in self.convex.items()}))
         if any(self.total_weight) and not self.increments:
             raise ValueError("total_weight needs increments=True (without increments smooth_weight "
                              "is already the weight on the whole field)")
@@ -160,8 +168,21 @@ FROM_NETWORK = Schedule(levels=(2, 1), steps=(30, 15), tol=1e-3)
 #: deformation 1.02 against 1.51 mm.
 ACCURATE = Schedule(levels=(4, 2, 1), steps=(60, 50, 30), field_factor=1, smooth_passes=(3, 3, 1),
                     smooth_weight=1.0, increments=True, total_weight=(0.0, 0.0, 1.0))
+#: The discrete step (:mod:`deepreglib.classic.convex`) of :data:`DIFFERENT_CONTRAST`, and the
+#: one the ``instance`` method puts before its pyramid with ``discrete=on``: features at half
+#: the resolution, displacements up to 3 of their voxels a side, the coupling up to 10.
+CONVEX_STEP = ConvexStep(factor=2, radius=3, lambdas=(0.2, 0.5, 1.0, 2.0, 5.0, 10.0), smooth_passes=3)
+#: Images of different contrasts (MIND-SSC): the discrete step alone, no gradient steps. Chosen
+#: on the 25 MR to ultrasound prostate **train** pairs from the centred start (gland Dice 0.619;
+#: benchmarks/instance_tuning.py --sets prostate --similarity mind, docs/BENCHMARKS.md):
+#: 0.636, better than the start on 18 of 25, SDlogJ 0.24, under a second. Every Adam schedule on
+#: MIND-SSC tried there lost gland Dice (balanced 0.42 and diffusion 20 on every level 0.50 on 6
+#: of the pairs, from 0.54), also after the discrete step (0.45, 0.54); radius 2 or 4 0.632 and
+#: 0.636, features at a third 0.577, coupling up to 20 0.633 (smoother: SDlogJ 0.16).
+DIFFERENT_CONTRAST = Schedule(steps=(0, 0, 0), convex=CONVEX_STEP)
 #: By name (the ``instance`` method's ``schedule`` option).
-SCHEDULES = {"balanced": FROM_AFFINE, "accurate": ACCURATE, "from_network": FROM_NETWORK}
+SCHEDULES = {"balanced": FROM_AFFINE, "accurate": ACCURATE, "from_network": FROM_NETWORK,
+             "different": DIFFERENT_CONTRAST}
 #: The similarities of :func:`instance_register`: local NCC (same contrast, any scanner) and
 #: MIND-SSC (different contrasts).
 SIMILARITIES = ("lncc", "mind")
@@ -209,56 +230,6 @@ def uncrop(u: torch.Tensor, lo, hi, shape) -> torch.Tensor:
     for axis in (2, 1, 0):  # F.pad lists the last axis first
         pad += [lo[axis], shape[axis] - hi[axis]]
     return F.pad(u, pad, mode="replicate") if any(pad) else u
-
-
-def box_mean3(u: torch.Tensor) -> torch.Tensor:
-    """3x3x3 mean, edges replicated; separable (three sums of three shifted views: 9 additions
-    a voxel instead of ``avg_pool3d``'s 27, and elementwise, so it uses every thread; 3x faster
-    forward and backward on 2 cores). Its backward is its adjoint written out the same way
-    (:class:`_BoxMean3`): autograd through the replicate padding scatters, 5x the forward."""
-    return _BoxMean3.apply(u) if u.requires_grad else _box_mean3(u)
-
-
-def _box_mean3(u: torch.Tensor) -> torch.Tensor:
-    u = F.pad(u, (1, 1, 1, 1, 1, 1), mode="replicate")
-    u = u[:, :, :-2] + u[:, :, 1:-1] + u[:, :, 2:]
-    u = u[:, :, :, :-2] + u[:, :, :, 1:-1] + u[:, :, :, 2:]
-    u = u[..., :-2] + u[..., 1:-1] + u[..., 2:]
-    return u / 27.0
-
-
-def _box_sum3_adjoint(g: torch.Tensor, dim: int) -> torch.Tensor:
-    """Adjoint of ``y[i] = x[max(i-1, 0)] + x[i] + x[min(i+1, n-1)]`` along ``dim``: the
-    zero-padded 3-sum of ``g``, plus ``g``'s first and last slices again at the edges (what
-    the replicated edge voxels took from them)."""
-    n = g.shape[dim]
-    pad = [0] * 6
-    pad[2 * (4 - dim)] = pad[2 * (4 - dim) + 1] = 1  # F.pad lists the last axis first
-    z = F.pad(g, pad)
-    out = z.narrow(dim, 0, n) + z.narrow(dim, 1, n) + z.narrow(dim, 2, n)
-    out.narrow(dim, 0, 1).add_(g.narrow(dim, 0, 1))
-    out.narrow(dim, n - 1, 1).add_(g.narrow(dim, n - 1, 1))
-    return out
-
-
-class _BoxMean3(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, u):
-        return _box_mean3(u)
-
-    @staticmethod
-    def backward(ctx, grad):
-        g = grad
-        for dim in (4, 3, 2):  # the forward's axes in reverse
-            g = _box_sum3_adjoint(g, dim)
-        return g / 27.0
-
-
-def _smoothed(p: torch.Tensor, passes: int) -> torch.Tensor:
-    """The field of parameters ``p``: ``passes`` 3x3x3 means of it."""
-    for _ in range(passes):
-        p = box_mean3(p)
-    return p
 
 
 def unfold(u: torch.Tensor, iterations: int = 20) -> torch.Tensor:
@@ -334,9 +305,13 @@ def instance_register(fixed: torch.Tensor, moving: torch.Tensor,
         points = (np.asarray(fixed_points, dtype=np.float64) - offset,
                   np.asarray(moving_points, dtype=np.float64) - offset)
 
+    if schedule.convex is not None:
+        u = _convex_start(f_box, m_box, u, schedule.convex, cancel)
     smooth = GradientSmoothness("l2")
     n_levels = len(schedule.levels)
     for index, (factor, steps) in enumerate(zip(schedule.levels, schedule.steps)):
+        if steps == 0:  # a level with no steps changes nothing (a discrete step alone: steps 0 everywhere)
+            continue
         f_lv, m_lv = _level(f_box, factor), _level(m_box, factor)
         image_shape = tuple(f_lv.shape[2:])
         source, sim = _similarity(similarity, f_lv, m_lv, schedule.window, schedule.min_std)
@@ -365,7 +340,7 @@ def instance_register(fixed: torch.Tensor, moving: torch.Tensor,
             # step keeps jumping across the optimum and the field wanders
             optimiser.lr = level_lr * (1.0 - 0.9 * step / max(steps - 1, 1))
             optimiser.zero_grad()
-            d = _smoothed(p, schedule.smooth_passes[index])
+            d = smoothed(p, schedule.smooth_passes[index])
             q = base + d if schedule.increments else d
             full = resize_field(q, image_shape)
             loss = sim(warp_source(source, full, padding="border")) + weight * smooth(d)
@@ -381,14 +356,26 @@ def instance_register(fixed: torch.Tensor, moving: torch.Tensor,
             if len(history) > 10 and history[-11] - min(history[-10:]) < schedule.tol:
                 break
         with torch.no_grad():
-            u = _smoothed(p.detach(), schedule.smooth_passes[index])
+            u = smoothed(p.detach(), schedule.smooth_passes[index])
             if schedule.increments:
                 u = base + u
+    if u is None:
+        u = torch.zeros(1, 3, *box_shape, dtype=dtype, device=device)
     u = unfold(resize_field(u, box_shape))
     out = uncrop(u, lo, hi, shape)
     if progress is not None:
         progress(1.0, "instance optimisation done")
     return out
+
+
+def _convex_start(fixed, moving, start, step, cancel):
+    """The discrete step's field (:mod:`deepreglib.classic.convex`), over ``start`` when there is
+    one: found on the moving image warped by ``start``, then composed with it
+    (``moving(x + d(x) + start(x + d(x)))``)."""
+    if start is None:
+        return convex_register(fixed, moving, step, cancel=cancel)
+    d = convex_register(fixed, warp(moving, start, padding="border"), step, cancel=cancel)
+    return d + warp(start, d, padding="border")
 
 
 def _level_terms(labels, points, box_shape, image_shape, field_shape, label_weight,

@@ -6,7 +6,12 @@ Method options: ``schedule``, ``balanced`` (default) or ``accurate``
 (:data:`~deepreglib.classic.instance.SCHEDULES`); ``similarity``, ``lncc`` (default) or
 ``mind`` for images of different contrasts (``--contrast different`` sets it); ``fine``,
 ``auto`` (default: the schedule's fine level, :data:`FINE_LEVELS`, when the data is at least
-:data:`FINE_RATIO` finer than the network grid) or ``off``.
+:data:`FINE_RATIO` finer than the network grid) or ``off``; ``discrete``, the coarse discrete
+step of :mod:`deepreglib.classic.convex` (:data:`~deepreglib.classic.instance.CONVEX_STEP`):
+``auto`` (default: on MIND-SSC the discrete step alone,
+:data:`~deepreglib.classic.instance.DIFFERENT_CONTRAST`, in place of the named schedule; on local
+NCC none), ``on`` (the discrete step, then the named schedule's pyramid, for either similarity) or
+``off`` (the named schedule alone, also on MIND-SSC).
 
 The grid: the network grid (:meth:`Method.grid_for`, at most ``max_size`` voxels a side), or,
 with a fine level, the grid of twice as many voxels a side (never finer than the data). The
@@ -14,10 +19,11 @@ pyramid then runs on that grid downsampled back to the network grid's size, and 
 on the grid itself. Local NCC only: MIND-SSC has no fine level."""
 from __future__ import annotations
 
+import dataclasses
 import time
 
 from ...classic.fine import FineLevel, fine_register
-from ...classic.instance import SCHEDULES, SIMILARITIES, instance_register
+from ...classic.instance import CONVEX_STEP, SCHEDULES, SIMILARITIES, instance_register
 from ...classic.optimise import _level
 from ...core.errors import BadInputError
 from ...core.fields import resize_field
@@ -42,7 +48,7 @@ PYRAMID_SHARE = 0.7
 
 
 class InstanceMethod(Method):
-    OPTIONS = ("schedule", "similarity", "fine")
+    OPTIONS = ("schedule", "similarity", "fine", "discrete")
 
     def __init__(self, info, device, **options):
         super().__init__(info, device, **options)
@@ -60,6 +66,19 @@ class InstanceMethod(Method):
                                 f"network grid) or off, got {fine!r}")
         self.fine_level = (FINE_LEVELS.get(self.schedule_name) if fine == "auto" and self.similarity == "lncc"
                            else None)
+        self.discrete = str(options.get("discrete", "auto"))
+        if self.discrete not in ("auto", "on", "off"):
+            raise BadInputError(f"discrete must be auto (on images of different contrasts the discrete step "
+                                f"alone), on (the discrete step before the pyramid) or off, got {self.discrete!r}")
+
+    def schedule(self):
+        """The schedule that runs (the module docstring's ``discrete`` option)."""
+        if self.discrete == "auto" and self.similarity == "mind":
+            return SCHEDULES["different"]
+        schedule = SCHEDULES[self.schedule_name]
+        if self.discrete == "on" and schedule.convex is None:
+            schedule = dataclasses.replace(schedule, convex=CONVEX_STEP)
+        return schedule
 
     def grid_for(self, fixed):
         base = network_grid(fixed, self.max_size, self.divisor)
@@ -73,8 +92,10 @@ class InstanceMethod(Method):
         return max(1.0, max(grid.shape) / float(self.max_size))
 
     def run(self, fixed, moving, grid, ctx: RunContext) -> MethodResult:
-        schedule = SCHEDULES[self.schedule_name]
-        info = {"schedule": self.schedule_name, "similarity": self.similarity}
+        schedule = self.schedule()
+        info = {"schedule": self.schedule_name, "similarity": self.similarity,
+                "discrete": schedule.convex is not None,
+                "gradient_steps": any(schedule.steps)}
         factor = self.coarse_factor(grid)
         if self.fine_level is None or factor < FINE_RATIO:
             u = instance_register(fixed, moving, schedule=schedule, similarity=self.similarity,
