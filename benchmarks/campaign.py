@@ -38,10 +38,13 @@ FIELDS = ["date", "session", "method", "from_step", "to_step", "cpu_hours", "cpu
 #: carnet's label weight is its NCC weight (20): its loss is 20 * (1 - NCC) + ..., so with weight
 #: 1 the label term was ~3 % of its loss against ~45 % for voxelmorph (loss.csv), and its val
 #: Dice stalled at 0.549 (sessions up to 2026-12-06T21:50); from 2026-12-06T22:40 both methods
-#: train with the label term at the same relative weight
+#: train with the label term at the same relative weight.
+#: The learning rate: 3e-4 until 2026-12-07T14:06, then a step down to 1e-4 for both (carnet's val
+#: Dice had stayed within 0.562-0.567 from step 6875 to 10525 and voxelmorph's within 0.590-0.599
+#: from 8950 to 11350: a plateau of the constant step, the usual point for a decay)
 RECIPES = {
-    "carnet": ["--lr", "0.0003", "--label-weight", "20.0", "--real-fraction", "0.8"],
-    "voxelmorph": ["--lr", "0.0003", "--label-weight", "1.0", "--real-fraction", "0.8"],
+    "carnet": ["--lr", "0.0001", "--label-weight", "20.0", "--real-fraction", "0.8"],
+    "voxelmorph": ["--lr", "0.0001", "--label-weight", "1.0", "--real-fraction", "0.8"],
 }
 #: the ``deepreg register --method`` name validating each training recipe's model
 INFER_NAME = {"carnet": "carnet", "voxelmorph": "voxelmorph"}

@@ -59,7 +59,7 @@ class FineLevel:
     smooth_weight: float = 2.0
     total_weight: float = 0.0
     field_factor: int = 2
-    smooth_passes: int = 3
+    smooth_passes: int = 5
     tol: float = 1e-4
     threshold: float = 0.05
 

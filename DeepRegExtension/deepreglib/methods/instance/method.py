@@ -34,10 +34,12 @@ from ..base import Method, MethodResult, RunContext
 #: only (benchmarks/fine_level_study.py --inter: 1 mm OASIS val brains under known deformations,
 #: and two inter-subject pairs of them; docs/BENCHMARKS.md, "A sparse fine level"): after the
 #: balanced pyramid's 0.96 / 1.05 mm, an endpoint error of 0.40 / 0.43 mm in 6-7 s, the
-#: increment smoothed by 3 means with diffusion 2 and no penalty on the whole field (which
+#: increment smoothed by 5 means with diffusion 2 and no penalty on the whole field (which
 #: pulls back the pyramid's field: local NCC of the inter-subject pairs falls below the
-#: pyramid's). The price is roughness: SDlogJ in the brains 0.39-0.42 -> 0.51-0.52 on the
-#: inter-subject pairs (diffusion 1 on the whole field: 0.45-0.47, but no gain in NCC).
+#: pyramid's). The price is roughness: SDlogJ in the brains 0.39-0.42 -> 0.46-0.49 on the
+#: inter-subject pairs. 5 means instead of 3 (2026-12-07, fifth session): the same endpoint
+#: error (0.395 / 0.425 against 0.398 / 0.427 mm), SDlogJ 0.03-0.04 lower, local NCC 0.01 lower
+#: (still above the pyramid's); 4 and 6 means lie between and beyond.
 #: ``accurate`` scores every foreground voxel, with more steps.
 FINE_LEVELS = {"balanced": FineLevel(), "accurate": FineLevel(steps=30, fraction=1.0)}
 #: The fine level runs when the network grid's voxels are at least this much coarser than the
