@@ -165,9 +165,12 @@ FROM_NETWORK = Schedule(levels=(2, 1), steps=(30, 15), tol=1e-3)
 #: coarse levels, diffusion 1 (on the increment and on the whole field) at the finest. On the
 #: same validation pairs (3 of each set): ixi_muse Dice 0.716 and SDlogJ 0.163 against 0.712 and
 #: 0.177 for the whole-field schedule it replaces; synthetic 0.926 against 0.904; known
-#: deformation 1.02 against 1.51 mm.
+#: deformation 1.02 against 1.51 mm. Its levels stop at a loss change of 1e-3 over 10 steps, as
+#: balanced's (1e-4 before 2026-12-07's fifth session): on the same ixi and synthetic val pairs
+#: Dice 0.7153 and 0.9261 against 0.7156 and 0.9262, 6-8 % less time
+#: (instance-tuning-2026-12-07-accurate-tol.json).
 ACCURATE = Schedule(levels=(4, 2, 1), steps=(60, 50, 30), field_factor=1, smooth_passes=(3, 3, 1),
-                    smooth_weight=1.0, increments=True, total_weight=(0.0, 0.0, 1.0))
+                    smooth_weight=1.0, increments=True, total_weight=(0.0, 0.0, 1.0), tol=1e-3)
 #: The discrete step (:mod:`deepreglib.classic.convex`) of :data:`DIFFERENT_CONTRAST`, and the
 #: one the ``instance`` method puts before its pyramid with ``discrete=on``: features at half
 #: the resolution, displacements up to 3 of their voxels a side, the coupling up to 10.
