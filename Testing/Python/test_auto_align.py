@@ -181,3 +181,41 @@ def test_a_poor_alignment_is_said_in_the_manifest(tmp_path):
     assert data["alignment"]["local_ncc_turned_round"] is not None
     assert any("looks poor" in m for m in data["messages"])
     assert data["preset"] is None and data["parameters"]["init"] == "auto"
+
+
+def test_a_small_field_of_view_of_another_contrast_matches_the_box_centres(tmp_path):
+    """``--contrast different`` on a 24 mm box (as an ultrasound of the prostate): ``--init auto``
+    tries no intensity alignment and matches the centres of the two boxes, whose headers here
+    are 7 mm apart; it says so in the manifest and its messages. The same pair with the same
+    contrast gets the automatic alignment as before. The box-centres
+    matrix is read back from the written transform, and the ``box-centres`` init gives it too."""
+    import SimpleITK as sitk
+    from deepreglib.classic.align import box_centres_transform
+    from deepreglib.classic.initial import initial_transform
+    from deepreglib.core.geometry import Grid
+    from deepreglib.io import images as io
+    from deepreglib.run.pipeline import RegisterOptions, register
+    direction = tuple(np.eye(3).ravel())
+    fixed_grid = Grid((40, 48, 40), (0.5, 0.5, 0.5), (0.0, 0.0, 0.0), direction)
+    moving_grid = Grid((30, 36, 30), (0.8, 0.8, 0.8), (3.0, -6.0, 2.0), direction)
+    want = box_centres_transform(fixed_grid, moving_grid)
+    centre = lambda g: g.index_to_physical((np.asarray(g.shape) - 1) / 2.0)  # noqa: E731
+    assert np.allclose(want[:3, 3], centre(moving_grid) - centre(fixed_grid))
+    assert np.allclose(initial_transform("box-centres", None, fixed_grid, None, moving_grid), want)
+    paths = []
+    for name, grid in (("fixed", fixed_grid), ("moving", moving_grid)):
+        img = sample_phantom(grid)[0, 0].numpy()
+        if name == "moving":
+            img = img.max() - img  # another contrast
+        paths.append(str(tmp_path / f"{name}.nrrd"))
+        sitk.WriteImage(grid.apply_to(sitk.GetImageFromArray(img.astype(np.float32))), paths[-1])
+    manifest = register(RegisterOptions(fixed=paths[0], moving=paths[1], out=str(tmp_path / "diff"),
+                                        preset="balanced", contrast="different", qa=False))
+    data = json.loads(manifest.read_text())
+    assert data["alignment"]["method"] == "box-centres" and data["alignment"]["local_ncc"] is None
+    assert any("no intensity alignment" in m for m in data["messages"])
+    written = io.read_linear_transform(str(manifest.parent / "initial_transform.tfm"))
+    assert np.allclose(written, want, atol=1e-6)
+    same = register(RegisterOptions(fixed=paths[0], moving=paths[1], out=str(tmp_path / "same"),
+                                    method="instance", qa=False))
+    assert json.loads(same.read_text())["alignment"].get("method") is None

@@ -14,8 +14,8 @@ import numpy as np
 
 from ..core.errors import BadInputError
 from ..core.geometry import Grid
-from .align import (CancelFn, ProgressFn, affine_register, center_of_mass_transform, check_cancel,
-                    moments_transform)
+from .align import (CancelFn, ProgressFn, affine_register, box_centres_transform, center_of_mass_transform,
+                    check_cancel, moments_transform)
 from .auto import auto_transform
 
 
@@ -26,6 +26,10 @@ def _none(fixed, fixed_grid, moving, moving_grid, **_):
 
 def _center(fixed, fixed_grid, moving, moving_grid, device="cpu", **_):
     return center_of_mass_transform(fixed, fixed_grid, moving, moving_grid, device=device)
+
+
+def _box_centres(fixed, fixed_grid, moving, moving_grid, **_):
+    return box_centres_transform(fixed_grid, moving_grid)
 
 
 def _moments_init(fixed, fixed_grid, moving, moving_grid, device="cpu", **_):
@@ -52,12 +56,14 @@ def _optimised(rigid: bool):
 #: cancel=..., **options) -> 4x4``. ``auto`` (:mod:`deepreglib.classic.auto`, the default: a
 #: search over starting poses, rigid then affine on coarse levels, with a quality check),
 #: ``affine`` and ``rigid`` start from ``init=`` (a 4x4) when given, else from the centre of
-#: mass (``auto``: from its own search).
+#: mass (``auto``: from its own search). ``box-centres`` matches the centres of the two images'
+#: boxes (what ``auto`` does for a small field of view of different contrasts: run/align.py).
 #: Learned initialisers are added with :func:`register_initializer`.
 INITIALIZERS: Dict[str, Callable[..., np.ndarray]] = {
     "auto": _auto,
     "none": _none,
     "center": _center,
+    "box-centres": _box_centres,
     "moments": _moments_init,
     "affine": _optimised(rigid=False),
     "rigid": _optimised(rigid=True),

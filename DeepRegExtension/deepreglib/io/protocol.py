@@ -57,8 +57,8 @@ JACOBIAN_WINDOW = (0.0, 2.0)
 #: the initial alignments the worker always has: ``(label, --init value)``; learned ones come
 #: from the methods' specs (:func:`deepreglib.methods.registry.learned_initializers`, also torch-free)
 CLASSIC_INIT_CHOICES: Tuple[Tuple[str, str], ...] = (
-    ("Automatic (recommended)", "auto"), ("None", "none"), ("Centre of mass", "center"), ("Moments", "moments"), ("Rigid", "rigid"),
-    ("Affine", "affine"))
+    ("Automatic (recommended)", "auto"), ("None", "none"), ("Centre of mass", "center"),
+    ("Centres of the image boxes", "box-centres"), ("Moments", "moments"), ("Rigid", "rigid"), ("Affine", "affine"))
 
 
 def grid_entry(grid) -> Dict[str, list]:

@@ -74,7 +74,9 @@ def qa_numbers(manifest: dict) -> dict:
     if checks.get("non_finite") == "refused":  # a run that got this far had none
         m["inputs"] = "all voxels finite"
     alignment = manifest.get("alignment")
-    if alignment:
+    if alignment and alignment.get("local_ncc") is None:  # no intensity alignment was made
+        m["alignment"] = alignment["message"]
+    elif alignment:
         m["alignment"] = f"{'POOR, check it' if alignment['quality'] == 'poor' else 'ok'} " \
                          f"(LNCC {alignment['local_ncc']:.2f})"
     return m

@@ -20,8 +20,8 @@ SPEC = MethodSpec(
         implementation=f"{__name__}.method:InstanceMethod",
         outputs=("displacement",),
         expected_seconds={"cpu": 15.0, "cuda": 1.0},
-        input_note="3D pair, roughly aligned (--init auto does it; for a small field of view of "
-                   "another modality, such as ultrasound, start from the centred boxes: --init none).",
+        input_note="3D pair, roughly aligned (--init auto does it; for a field of view under 60 mm "
+                   "of another modality, such as ultrasound, it matches the boxes' centres).",
         supports_refine=False,
         reference="ConvexAdam (Siebert, Hansen and Heinrich 2021); greedy (Yushkevich et al.)",
     ),
