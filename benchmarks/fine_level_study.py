@@ -1,12 +1,13 @@
 """Study (issue 16, the 1 mm gap): what a sparse 1 mm level after the balanced schedule would gain.
 
     python benchmarks/fine_level_study.py [THREADS] ['[{"fraction": 0.1, ...}, ...]'] [--out FILE]
+                                          [--inter] [--pyramid balanced|accurate]
 
 Validation data only: the unlabelled OASIS brains at 1 mm (``oasis_unlabeled``) under the
 brain_aseg benchmark's kind of random diffeomorphism, seeds 40 000 on (as ``instance_tuning.py``'s
 ``known`` set; no pair of any benchmark's test data). No initial alignment: the pair differs by
 the known field alone. ``balanced@2mm`` is :data:`~deepreglib.classic.instance.FROM_AFFINE` on the
-2 mm grid the engine uses for these brains; each variant then runs the engine's sparse fine
+2 mm grid the engine uses for these brains (``--pyramid accurate``: the accurate schedule instead); each variant then runs the engine's sparse fine
 level (:func:`deepreglib.classic.fine.fine_register`, keyword sets of
 :class:`~deepreglib.classic.fine.FineLevel`) at 1 mm. Endpoint error (mm) inside the foreground
 against the true field; results in ``benchmarks/results/fine-level-study-DATE.json``.
@@ -32,7 +33,7 @@ SHARED = HERE.parent.parent / "shared" / "data"
 
 from datasets import known_deformation  # noqa: E402
 from deepreglib.classic.fine import FineLevel, fine_register  # noqa: E402
-from deepreglib.classic.instance import FROM_AFFINE, foreground_box, instance_register  # noqa: E402
+from deepreglib.classic.instance import SCHEDULES, foreground_box, instance_register  # noqa: E402
 from deepreglib.classic.optimise import _level  # noqa: E402
 from deepreglib.core.fields import resize_field  # noqa: E402
 from deepreglib.core.jacobian import jacobian_determinant  # noqa: E402
@@ -63,6 +64,8 @@ def main(argv=None) -> int:
     p.add_argument("--out", type=Path)
     p.add_argument("--inter", action="store_true",
                    help="also two inter-subject pairs of the val brains (SDlogJ, folding, NCC; no truth)")
+    p.add_argument("--pyramid", choices=["balanced", "accurate"], default="balanced",
+                   help="the schedule of the 2 mm pyramid the fine level starts from")
     args = p.parse_args(argv)
     subjects = sorted((SHARED / "oasis_unlabeled").glob("subject_*.nii.gz"))
     if not subjects:
@@ -92,7 +95,7 @@ def main(argv=None) -> int:
         gtb = None if gt is None else gt[box]
         fg = fb[0, 0] > 0.05
         t = time.perf_counter()
-        u2 = instance_register(_level(fb, 2.0), _level(mb, 2.0), schedule=FROM_AFFINE, crop=False)
+        u2 = instance_register(_level(fb, 2.0), _level(mb, 2.0), schedule=SCHEDULES[args.pyramid], crop=False)
         t_bal = time.perf_counter() - t
         u_bal = resize_field(u2, fb.shape[2:])
 
@@ -107,8 +110,9 @@ def main(argv=None) -> int:
         first = scores(u_bal)
         if gtb is not None:
             first["epe_none_mm"] = epe(torch.zeros_like(gtb), gtb, fg)
-        print(f"{common} box {tuple(fb.shape[2:])} balanced@2mm {_fmt(first)} in {t_bal:.1f}s", flush=True)
-        rows.append({**common, "variant": "balanced@2mm", **first, "seconds": t_bal})
+        start = f"{args.pyramid}@2mm"
+        print(f"{common} box {tuple(fb.shape[2:])} {start} {_fmt(first)} in {t_bal:.1f}s", flush=True)
+        rows.append({**common, "variant": start, **first, "seconds": t_bal})
         for v in variants:
             t = time.perf_counter()
             u, info = fine_register(fb, mb, u_bal, FineLevel(**v))

@@ -36,7 +36,7 @@ class Preset:
 PRESETS: Dict[str, Preset] = {p.name: p for p in (
     Preset("fast", "Fast", "Automatic alignment, then the VoxelMorph network: a first look in seconds.",
            init="auto", method="voxelmorph",
-           expected_seconds={"cpu": 4.8}, measured="benchmarks/results/accuracy-2026-12-07-real-pairs-40-increments.json"),
+           expected_seconds={"cpu": 3.4}, measured="benchmarks/results/accuracy-2026-12-07-real-pairs-40-fast-accurate.json"),
     Preset("balanced", "Balanced (recommended)",
            "Automatic alignment, then the fast instance optimiser on the pair: on 40 unaligned "
            "brain registrations more accurate than greedy and ANTs SyN, in under a third of SyN's time. "
@@ -48,7 +48,7 @@ PRESETS: Dict[str, Preset] = {p.name: p for p in (
            "Automatic alignment, then more optimisation with the field on the full network grid, and on "
            "1 mm scans a dense last level at 1 mm (24-28 s on 1 mm brains).",
            init="auto", method="instance", method_options={"schedule": "accurate"},
-           expected_seconds={"cpu": 8.4}, measured="benchmarks/results/accuracy-2026-12-07-real-pairs-40-increments.json"),
+           expected_seconds={"cpu": 5.4}, measured="benchmarks/results/accuracy-2026-12-07-real-pairs-40-fast-accurate.json"),
 )}
 
 #: The preset of a run that names neither a preset nor a method.
