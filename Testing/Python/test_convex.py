@@ -151,4 +151,5 @@ def test_the_instance_method_runs_the_discrete_step_alone_on_different_contrasts
     m = warp(f, -_smooth_field(f.shape[2:], 3.0))
     result = method(similarity="mind").run(f, m, Grid.identity(f.shape[2:]), RunContext())
     assert result.info["discrete"] is True and result.info["gradient_steps"] is False
+    assert result.info["schedule"] == "different"
     assert float((jacobian_determinant(result.displacement) <= 0).float().mean()) == 0.0

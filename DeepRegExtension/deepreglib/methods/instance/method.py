@@ -95,7 +95,8 @@ class InstanceMethod(Method):
 
     def run(self, fixed, moving, grid, ctx: RunContext) -> MethodResult:
         schedule = self.schedule()
-        info = {"schedule": self.schedule_name, "similarity": self.similarity,
+        ran = "different" if schedule is SCHEDULES["different"] else self.schedule_name
+        info = {"schedule": ran, "similarity": self.similarity,
                 "discrete": schedule.convex is not None,
                 "gradient_steps": any(schedule.steps)}
         factor = self.coarse_factor(grid)
