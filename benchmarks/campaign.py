@@ -13,7 +13,8 @@ lists every session. The methods take turns chunk by chunk, so they get equal bu
 Ledger: ``benchmarks/results/training-ledger.csv``, one row per chunk: date, session, method,
 steps, CPU hours (seconds per step from ``loss.csv`` times threads), the chunk's mean loss, the
 validation Dice (and the affine-only Dice of the same pairs), folding, and whether it was
-exported. ``--plot`` draws validation Dice against cumulative CPU hours for every method.
+exported; for D-Net, whose validation is a pose, the median rotation error on new poses of the
+val subjects and the share within 10 degrees instead. ``--plot`` draws validation Dice against cumulative CPU hours for every method.
 """
 from __future__ import annotations
 
@@ -32,7 +33,8 @@ MODELS = ROOT / "Resources" / "Models"
 LEDGER = ROOT / "benchmarks" / "results" / "training-ledger.csv"
 FIELDS = ["date", "session", "method", "from_step", "to_step", "cpu_hours", "cpu_hours_total",
           "loss_mean", "dice_loss_mean", "val_pairs", "val_dice_affine", "val_dice", "val_folding_percent",
-          "shipped_val_dice", "exported", "sha256"]
+          "shipped_val_dice", "exported", "sha256", "val_rotation_median_deg", "val_within_10_percent",
+          "shipped_val_rotation_median_deg"]
 
 #: per method: the ``deepreg train`` options of the campaign's recipe (coarse cached grid)
 #: carnet's label weight is its NCC weight (20): its loss is 20 * (1 - NCC) + ..., so with weight
@@ -45,9 +47,23 @@ FIELDS = ["date", "session", "method", "from_step", "to_step", "cpu_hours", "cpu
 RECIPES = {
     "carnet": ["--lr", "0.0001", "--label-weight", "20.0", "--real-fraction", "0.8"],
     "voxelmorph": ["--lr", "0.0001", "--label-weight", "1.0", "--real-fraction", "0.8"],
+    #: D-Net (from 2026-12-07T16:40): the shipped network (36000 steps on 4 OASIS scans) fine-tuned
+    #: on the cache's 208 train scans (whole, laid out in its cube's direction, a field of view
+    #: jittered by up to 35 %), its own 48^3 cube, poses relative to the scans' own orientation
+    #: (--dnet-fixed-pose canonical: the target and inference keep the fixed scan's pose), its
+    #: last session's anatomy augmentation and gradient clipping; validated by rotation error
+    "dnet": ["--shape", "48", "48", "48", "--lr", "0.0003", "--real-fraction", "0.9",
+             "--dnet-fixed-pose", "canonical", "--dnet-anatomy-augment", "1.5", "--clip-grad", "1.0"],
 }
 #: the ``deepreg register --method`` name validating each training recipe's model
-INFER_NAME = {"carnet": "carnet", "voxelmorph": "voxelmorph"}
+INFER_NAME = {"carnet": "carnet", "voxelmorph": "voxelmorph", "dnet": "dnet"}
+#: methods validated by pose (rotation error on new poses of the val subjects, lower is better);
+#: the others by the label Dice of val pairs (higher is better)
+POSE_METHODS = ("dnet",)
+#: steps per turn as a multiple of --chunk: a D-Net step (48^3, one forward of two encoders)
+#: costs about an eighth of a deformable network's (0.18 s against 1.5 s at 1 thread), so its
+#: turns take about as long
+CHUNK_SCALE = {"dnet": 8}
 
 
 def read_ledger():
@@ -59,9 +75,15 @@ def read_ledger():
 
 def append_ledger(row):
     LEDGER.parent.mkdir(parents=True, exist_ok=True)
+    rows = read_ledger()
+    if rows and list(rows[0].keys()) != FIELDS:  # a ledger of an older layout: rewrite with the new columns
+        with open(LEDGER, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=FIELDS, extrasaction="ignore", restval="")
+            w.writeheader()
+            w.writerows(rows)
     new = not LEDGER.is_file()
     with open(LEDGER, "a", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=FIELDS, extrasaction="ignore")
+        w = csv.DictWriter(f, fieldnames=FIELDS, extrasaction="ignore", restval="")
         if new:
             w.writeheader()
         w.writerow(row)
@@ -85,84 +107,127 @@ def checkpoint_step(run: Path) -> int:
     return int(torch.load(ckpt, map_location="cpu", weights_only=True)["step"])
 
 
-def shipped_score(method: str, cache: str, pairs: int, cache_file: Path) -> float:
-    """Validation Dice of the shipped weights (computed once per sha256, kept in ``cache_file``)."""
+def validate_model(method: str, weights: str, cache: str, args) -> dict:
+    """The candidate's validation: the label Dice of ``--val-pairs`` val pairs, or for
+    :data:`POSE_METHODS` the rotation error on ``--val-poses`` new poses of the val subjects."""
+    from deepreglib.run.validate import validate, validate_pose
+    if method in POSE_METHODS:
+        return validate_pose(weights, cache, args.val_poses)
+    return validate(INFER_NAME[method], weights, cache, args.val_pairs)
+
+
+def primary(method: str, score: dict) -> float:
+    """The score the export compares, higher is better (minus the median rotation error for
+    :data:`POSE_METHODS`)."""
+    return -float(score["rotation_median_deg"]) if method in POSE_METHODS else float(score["dice"])
+
+
+def shipped_score(method: str, cache: str, args, cache_file: Path) -> float:
+    """:func:`primary` of the shipped weights (computed once per sha256 and validation size, kept
+    in ``cache_file``)."""
     card = json.loads((MODELS / f"{method}.json").read_text())
     known = json.loads(cache_file.read_text()) if cache_file.is_file() else {}
-    key = f"{method}:{card['sha256']}:{pairs}"
+    size = args.val_poses if method in POSE_METHODS else args.val_pairs
+    key = f"{method}:{card['sha256']}:{size}" + (":pose" if method in POSE_METHODS else "")
     if key not in known:
-        from deepreglib.run.validate import validate
-        known[key] = validate(INFER_NAME[method], str(MODELS / f"{method}.pt"), cache, pairs)["dice"]
+        known[key] = primary(method, validate_model(method, str(MODELS / f"{method}.pt"), cache, args))
         cache_file.write_text(json.dumps(known, indent=1))
     return float(known[key])
 
 
-def annotate_card(card_path: Path, score: dict, shipped: float, session: str) -> None:
-    """Record on the exported card how it was chosen: its validation on the cache's val pairs
+def annotate_card(card_path: Path, score: dict, shipped: float, session: str, method: str = "") -> None:
+    """Record on the exported card how it was chosen: its validation on the cache's val split
     against the weights it replaced (the weights' sha256 is unchanged: it covers the .pt only)."""
     card = json.loads(card_path.read_text())
-    card["validation"] = {"split": "ixi_muse val (training cache, after its affine)", "session": session,
-                          **score, "replaced_val_dice": shipped,
-                          "ledger": "benchmarks/results/training-ledger.csv"}
+    if method in POSE_METHODS:
+        card["validation"] = {"split": "ixi_muse val (training cache): new rigid poses over the full range",
+                              "session": session, **score, "replaced_rotation_median_deg": -shipped,
+                              "ledger": "benchmarks/results/training-ledger.csv"}
+    else:
+        card["validation"] = {"split": "ixi_muse val (training cache, after its affine)", "session": session,
+                              **score, "replaced_val_dice": shipped,
+                              "ledger": "benchmarks/results/training-ledger.csv"}
     card_path.write_text(json.dumps(card, indent=2))
 
 
 def run_chunk(method: str, args, session: str) -> dict:
-    from deepreglib.run.validate import validate
     run = Path(args.runs) / method
     start = checkpoint_step(run)
     cmd = [sys.executable, "-m", "deepreglib", "train", method, "--out", str(run), "--cache", args.cache,
            "--shape", *map(str, args.shape), "--threads", str(args.threads), "--checkpoint-every", "25",
-           "--log-every", "50", *RECIPES[method]]
+           "--log-every", "50", *RECIPES[method]]  # a recipe's own --shape comes last and wins
     if start < 0:
         cmd += ["--init-from", str(MODELS / f"{method}.pt")]
         start = int(json.loads((MODELS / f"{method}.json").read_text()).get("iterations", 0))
     candidate = Path(args.runs) / "candidates" / method / f"{method}.pt"
     candidate.parent.mkdir(parents=True, exist_ok=True)
-    cmd += ["--steps", str(start + args.chunk), "--export", str(candidate)]
+    cmd += ["--steps", str(start + args.chunk * CHUNK_SCALE.get(method, 1)), "--export", str(candidate)]
     subprocess.run(cmd, check=True)
     end = checkpoint_step(run)
     hours, loss, dice_loss = chunk_stats(run, start, end, args.threads)
     earlier = [r for r in read_ledger() if r["method"] == method]
     total = (float(earlier[-1]["cpu_hours_total"]) if earlier else 0.0) + hours
-    score = validate(INFER_NAME[method], str(candidate), args.cache, args.val_pairs)
-    shipped = shipped_score(method, args.cache, args.val_pairs, Path(args.runs) / "shipped-scores.json")
+    score = validate_model(method, str(candidate), args.cache, args)
+    shipped = shipped_score(method, args.cache, args, Path(args.runs) / "shipped-scores.json")
     exported, sha = False, ""
-    if score["dice"] > shipped and score["folding_percent"] < 0.5:
+    if primary(method, score) > shipped and score.get("folding_percent", 0.0) < 0.5:
         for suffix in (".pt", ".json"):
             shutil.copyfile(candidate.with_suffix(suffix), MODELS / f"{method}{suffix}")
         exported = True
         sha = json.loads(candidate.with_suffix(".json").read_text())["sha256"]
-        annotate_card(MODELS / f"{method}.json", score, shipped, session)
+        annotate_card(MODELS / f"{method}.json", score, shipped, session, method)
     row = {"date": _dt.date.today().isoformat(), "session": session, "method": method, "from_step": start,
            "to_step": end, "cpu_hours": f"{hours:.4f}", "cpu_hours_total": f"{total:.4f}",
-           "loss_mean": f"{loss:.4f}", "dice_loss_mean": f"{dice_loss:.4f}", "val_pairs": score["pairs"],
-           "val_dice_affine": f"{score['dice_affine']:.4f}", "val_dice": f"{score['dice']:.4f}",
-           "val_folding_percent": f"{score['folding_percent']:.4f}", "shipped_val_dice": f"{shipped:.4f}",
+           "loss_mean": f"{loss:.4f}", "dice_loss_mean": f"{dice_loss:.4f}" if dice_loss == dice_loss else "",
            "exported": int(exported), "sha256": sha}
+    if method in POSE_METHODS:
+        row.update({"val_pairs": score["poses"], "val_rotation_median_deg": f"{score['rotation_median_deg']:.2f}",
+                    "val_within_10_percent": f"{score['within_10_percent']:.1f}",
+                    "shipped_val_rotation_median_deg": f"{-shipped:.2f}"})
+    else:
+        row.update({"val_pairs": score["pairs"], "val_dice_affine": f"{score['dice_affine']:.4f}",
+                    "val_dice": f"{score['dice']:.4f}", "val_folding_percent": f"{score['folding_percent']:.4f}",
+                    "shipped_val_dice": f"{shipped:.4f}"})
     append_ledger(row)
     print(json.dumps(row), flush=True)
     return row
 
 
 def plot(out: Path) -> Path:
+    """Validation against cumulative CPU hours: label Dice of the deformable networks (left) and,
+    when the ledger has any, the median rotation error of the pose networks (right)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
     rows = read_ledger()
-    fig = Figure(figsize=(6.5, 4))
+    pose = sorted({r["method"] for r in rows if r["method"] in POSE_METHODS})
+    fig = Figure(figsize=(11 if pose else 6.5, 4))
     FigureCanvasAgg(fig)
-    ax = fig.add_subplot(111)
-    for method in sorted({r["method"] for r in rows}):
+    ax = fig.add_subplot(1, 2 if pose else 1, 1)
+    for method in sorted({r["method"] for r in rows} - set(pose)):
         sel = [r for r in rows if r["method"] == method]
         # the first point: the weights the campaign started from, at 0 campaign hours
         hours = [0.0] + [float(r["cpu_hours_total"]) for r in sel]
         dice = [float(sel[0]["shipped_val_dice"])] + [float(r["val_dice"]) for r in sel]
         ax.plot(hours, dice, "o-", label=method)
-    if rows:
-        ax.axhline(float(rows[-1]["val_dice_affine"]), color="grey", ls="--", label="affine alone")
+    affine = [r for r in rows if r["method"] not in POSE_METHODS]
+    if affine:
+        ax.axhline(float(affine[-1]["val_dice_affine"]), color="grey", ls="--", label="affine alone")
     ax.set_xlabel("CPU hours of campaign training (cumulative)")
     ax.set_ylabel("validation Dice (ixi_muse val, ~145 labels)")
     ax.legend()
+    if pose:
+        ax2 = fig.add_subplot(1, 2, 2)
+        for method in pose:
+            sel = [r for r in rows if r["method"] == method]
+            hours = [0.0] + [float(r["cpu_hours_total"]) for r in sel]
+            err = ([float(sel[0]["shipped_val_rotation_median_deg"])]
+                   + [float(r["val_rotation_median_deg"]) for r in sel])
+            ax2.plot(hours, err, "o-", color="C3", label=method)
+        ax2.axhline(5.0, color="grey", ls="--", label="target (5 deg)")
+        ax2.set_yscale("log")
+        ax2.set_xlabel("CPU hours of campaign training (cumulative)")
+        ax2.set_ylabel("median rotation error, deg (ixi_muse val, new poses)")
+        ax2.legend()
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=110)
@@ -180,6 +245,7 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--rounds", type=int, default=None, help="stop after this many turns of every method")
     p.add_argument("--val-pairs", type=int, default=10)
+    p.add_argument("--val-poses", type=int, default=40, help="new poses of the val subjects validating D-Net")
     p.add_argument("--hours", type=float, default=100.0, help="stop starting chunks after this wall time")
     p.add_argument("--session", default=_dt.datetime.now().strftime("%Y-%m-%dT%H:%M"))
     p.add_argument("--models", default=str(MODELS), help="where the shipped weights are read and improved ones go")

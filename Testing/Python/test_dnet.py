@@ -379,8 +379,12 @@ def test_canonical_pose_training_never_mirrors_the_scans():
         args = build_parser().parse_args(["train", "dnet", "--out", "unused", "--shape", "12", "12", "12",
                                           "--real-fraction", "1", "--dnet-fixed-pose", pose])
         return [make_batch(s, args, [vol], training_recipes()["dnet"])["fixed"] for s in range(12)]
-    assert all(torch.equal(b, vol) for b in batches("canonical"))
-    assert not all(torch.equal(b, vol) for b in batches("random"))
+
+    def mirrored(b):  # the bright block's centre on the other side of the cube's centre on some axis
+        c = torch.nonzero(b[0, 0] > 0.5).double().mean(0) - 5.5
+        return bool(((c * (torch.nonzero(vol[0, 0] > 0.5).double().mean(0) - 5.5)) < 0).any())
+    assert not any(mirrored(b) for b in batches("canonical"))  # (only the field of view varies)
+    assert any(mirrored(b) for b in batches("random"))
 
 
 def test_anatomy_variation_is_off_by_default_and_keeps_the_scan_recognisable():
@@ -498,3 +502,88 @@ def test_dnet_plus_rigid_polishes_a_coarse_pose_that_rigid_alone_cannot_reach(tm
     assert seen and max(seen) <= 1.0 and seen == sorted(seen)
     alone = align.initial_transform("rigid", fixed, grid, moving, grid)
     assert rotation_error_deg(alone[:3, :3], m_true[:3, :3]) > 30.0
+
+
+def _tiny_cache(folder, direction=(1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0), shape=(12, 16, 10)):
+    """A training cache of 3 train and 2 val subjects (asymmetric blobs), as ``train-cache``
+    lays one out: ``cache.json`` and one ``.npz`` per subject."""
+    rng = np.random.default_rng(0)
+    subjects = {}
+    for split, n in (("train", 3), ("val", 2)):
+        (folder / "ixi_muse" / split).mkdir(parents=True, exist_ok=True)
+        for i in range(n):
+            img = np.zeros(shape, np.float32)
+            img[2:9, 3:13, 2:7] = 0.6
+            img[3:5, 4:7, 5:7] = 1.0  # an off-centre bright part: the pose is observable
+            img += 0.05 * rng.random(shape)
+            np.savez_compressed(folder / "ixi_muse" / split / f"s{i}.npz",
+                                image=np.round(255 * np.clip(img, 0, 1)).astype(np.uint8))
+            subjects[f"ixi_muse/{split}/s{i}"] = {"matrix_lps": np.eye(4).tolist()}
+    grid = {"shape": list(shape), "spacing": [2.5] * 3, "origin": [0.0] * 3, "direction": list(direction)}
+    (folder / "cache.json").write_text(json.dumps({"reference": {"dataset": "ixi_muse", "subject": "s0",
+                                                                 "grid": grid}, "subjects": subjects}))
+    return folder
+
+
+def test_dnet_trains_on_the_cache_in_its_cube_direction_and_records_it(tmp_path, capsys):
+    """The cache stores LPS-axis-aligned arrays; D-Net's training lays them out in the cube's
+    direction (exact axis moves), and its card records that direction for inference. An oblique
+    cache is refused before any step, and nothing is written."""
+    from deepreglib.cli import main as cli_main
+    from deepreglib.core.geometry import reorient_volume
+    from deepreglib.methods.dnet.method import CUBE_DIRECTION
+    from deepreglib.train.cache import load_cache
+    cache = _tiny_cache(tmp_path / "cache")
+    subjects, grid = load_cache(cache, "train")
+    vols, labels = DNET_RECIPE.prepare_scans([s.image for s in subjects], None, grid.direction, None)
+    assert labels is None and vols[0].shape[2:] == (16, 12, 10)  # (k, j, i): anterior, inferior, left
+    assert torch.equal(vols[0], reorient_volume(subjects[0].image, grid.direction, CUBE_DIRECTION))
+    assert torch.equal(vols[0][0, 0, 15 - 4, 11 - 3, 6], subjects[0].image[0, 0, 3, 4, 6])
+    assert DNET_RECIPE.card_entries({"cache": str(cache)})["grid_direction"] == list(CUBE_DIRECTION)
+    run, model = tmp_path / "run", tmp_path / "m" / "dnet.pt"
+    rc = cli_main(["train", "dnet", "--out", str(run), "--cache", str(cache), "--steps", "2", "--shape", "16",
+                   "16", "16", "--real-fraction", "1", "--threads", "1", "--dnet-fixed-pose", "canonical",
+                   "--export", str(model)])
+    assert rc == 0
+    card = json.loads(model.with_suffix(".json").read_text())
+    assert card["grid_direction"] == list(CUBE_DIRECTION) and card["training"]["cache"] == str(cache)
+    c, s = math.cos(0.4), math.sin(0.4)
+    oblique = _tiny_cache(tmp_path / "oblique", direction=(c, -s, 0.0, s, c, 0.0, 0.0, 0.0, 1.0))
+    rc = cli_main(["train", "dnet", "--out", str(tmp_path / "run2"), "--cache", str(oblique), "--steps", "1",
+                   "--shape", "16", "16", "16", "--threads", "1"])
+    assert rc != 0 and not (tmp_path / "run2").exists()
+    assert "not axis-aligned" in capsys.readouterr().err
+
+
+def test_pose_validation_scores_the_rotation_error_of_what_the_network_says(tmp_path):
+    """A D-Net pinned to the identity makes an error of exactly each pose's own angle; the poses
+    are new (full range), the same on every call, and shared out evenly over the val subjects."""
+    from deepreglib.methods.dnet.method import CUBE_DIRECTION
+    from deepreglib.methods.dnet.training import pose_errors
+    from deepreglib.run.validate import validate_pose
+    cache = _tiny_cache(tmp_path / "cache")
+    path = save_model(_pinned_dnet(np.eye(3), np.zeros(3)), tmp_path / "dnet",
+                      card={"grid_direction": list(CUBE_DIRECTION)})
+    score = validate_pose(str(path), cache, poses=12)
+    assert score["poses"] == 12 and score["subjects"] == 2
+    vols = [torch.zeros(1, 1, 8, 8, 8)]
+    r = pose_errors(_pinned_dnet(np.eye(3), np.zeros(3)), vols, (16,) * 3, 12)
+    assert np.allclose(r["error_deg"], r["true_deg"], atol=1e-3)
+    assert score["rotation_median_deg"] == pytest.approx(float(np.median(r["true_deg"])), abs=1e-3)
+    assert r["true_deg"].max() > 120 and score["within_10_percent"] == 0.0  # new poses over the full range
+    assert validate_pose(str(path), cache, poses=12) == score
+
+
+def test_dnet_training_views_jitter_the_field_of_view():
+    """A field of view of 1.3 shows the scan 1/1.3 as large in the cube, still centred."""
+    from deepreglib.methods.dnet.training import whole_volume
+    v = torch.zeros(1, 1, 40, 40, 40)
+    v[:, :, 2:38, 2:38, 2:38] = 1.0
+    extent = {}
+    for fov in (1.0, 1.3):
+        idx = torch.nonzero(whole_volume(v, (33, 33, 33), fov)[0, 0] > 0.5).double()
+        extent[fov] = float((idx.max(0).values - idx.min(0).values)[0])
+        assert torch.allclose(idx.mean(0), torch.full((3,), 16.0, dtype=torch.float64), atol=0.6)
+    assert extent[1.3] == pytest.approx(extent[1.0] / 1.3, abs=1.5)
+    with pytest.raises(ValueError, match="field_of_view"):
+        whole_volume(v, (8, 8, 8), 0.9)

@@ -156,3 +156,41 @@ def test_grid_rejects_bad_geometry():
         Grid((4, 4, 4), (1.0, 1.0, 1.0), (0, 0, 0), shear.ravel())
     # a reflection is a valid direction (left-handed images exist)
     Grid((4, 4, 4), (1.0, 1.0, 1.0), (0, 0, 0), np.diag([1.0, 1.0, -1.0]).ravel())
+
+
+@pytest.mark.parametrize("to_direction", [
+    (1.0, 0.0, 0.0, 0.0, 0.0, -1.0, 0.0, -1.0, 0.0),   # the OASIS scans' (D-Net's cube)
+    (0.0, 0.0, 1.0, -1.0, 0.0, 0.0, 0.0, -1.0, 0.0),   # a sagittal stack
+    (-1.0, 0.0, 0.0, 0.0, -1.0, 0.0, 0.0, 0.0, 1.0),   # RAS-stored
+])
+def test_reorienting_by_axes_gives_what_sitk_resamples_onto_the_same_box(to_direction):
+    """The permuted and flipped array equals SimpleITK's nearest-neighbour resampling of the
+    original onto a grid of the new direction covering the same box: the same anatomy at the
+    same physical points."""
+    from deepreglib.core.geometry import reorient_volume
+    rng = np.random.default_rng(0)
+    arr = rng.random((5, 6, 7)).astype(np.float32)
+    img = sitk.GetImageFromArray(arr)
+    img.SetSpacing((1.5, 1.5, 1.5))
+    img.SetOrigin((3.0, -2.0, 7.0))
+    img.SetDirection((0.0, 1.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0, -1.0))
+    out = reorient_volume(torch.from_numpy(arr), img.GetDirection(), to_direction).numpy()
+    ref = sitk.Image([out.shape[2], out.shape[1], out.shape[0]], sitk.sitkFloat32)
+    ref.SetSpacing(img.GetSpacing())
+    ref.SetDirection(to_direction)
+    corners = np.array([img.TransformIndexToPhysicalPoint((int(i), int(j), int(k)))
+                        for i in (0, 6) for j in (0, 5) for k in (0, 4)])
+    along = corners @ np.asarray(to_direction).reshape(3, 3)  # coordinates along the new axes
+    ref.SetOrigin(tuple(corners[np.argmin(along.sum(1))]))
+    expected = sitk.GetArrayFromImage(sitk.Resample(img, ref, sitk.Transform(), sitk.sitkNearestNeighbor))
+    assert out.shape == expected.shape and np.array_equal(out, expected)
+    back = reorient_volume(torch.from_numpy(out), to_direction, img.GetDirection()).numpy()
+    assert np.array_equal(back, arr)  # and back again
+
+
+def test_reorienting_an_oblique_scan_is_refused_with_a_way_out():
+    from deepreglib.core.geometry import reorient_volume
+    c, s = np.cos(0.3), np.sin(0.3)
+    oblique = (c, -s, 0.0, s, c, 0.0, 0.0, 0.0, 1.0)
+    with pytest.raises(BadInputError, match="not axis-aligned.*resample"):
+        reorient_volume(torch.zeros(2, 3, 4), oblique, tuple(np.eye(3).ravel()))

@@ -217,3 +217,44 @@ def matrix_lps_to_ras(m: np.ndarray) -> np.ndarray:
 
 
 matrix_ras_to_lps = matrix_lps_to_ras
+
+
+def axis_reorientation(from_direction: Sequence[float], to_direction: Sequence[float]
+                       ) -> Tuple[Tuple[int, int, int], Tuple[bool, bool, bool]]:
+    """How a volume stored with direction ``from_direction`` is shown with ``to_direction``
+    (9 numbers each, row-major as SimpleITK's ``GetDirection``) by axis permutation and flips
+    alone, when one is a signed permutation of the other: ``(source, flipped)`` with, per index
+    axis ``c`` of the new layout (0 = i, 1 = j, 2 = k), the index axis of the old layout it
+    runs along and whether it runs the other way. Raises :class:`BadInputError` when the two
+    directions are not axis-aligned to each other (an oblique scan needs resampling)."""
+    a = np.asarray(from_direction, dtype=np.float64).reshape(3, 3)
+    b = np.asarray(to_direction, dtype=np.float64).reshape(3, 3)
+    m = a.T @ b  # column c: new axis c in old-axis coordinates
+    source, flipped = [], []
+    for c in range(3):
+        s = int(np.argmax(np.abs(m[:, c])))
+        if abs(abs(m[s, c]) - 1.0) > 1e-4:
+            raise BadInputError(f"direction {tuple(np.round(a.ravel(), 4))} is not axis-aligned to "
+                                f"{tuple(np.round(b.ravel(), 4))}; resample the scan onto an axis-aligned "
+                                "grid first (e.g. SimpleITK.Resample or DICOMOrient)")
+        source.append(s)
+        flipped.append(bool(m[s, c] < 0))
+    if sorted(source) != [0, 1, 2]:
+        raise BadInputError(f"directions {tuple(a.ravel())} and {tuple(b.ravel())} do not form a permutation")
+    return tuple(source), tuple(flipped)
+
+
+def reorient_volume(volume: torch.Tensor, from_direction: Sequence[float],
+                    to_direction: Sequence[float]) -> torch.Tensor:
+    """``volume`` ``(..., D, H, W)`` (tensor order ``(k, j, i)``) stored with ``from_direction``,
+    laid out for ``to_direction`` by :func:`axis_reorientation`'s permutation and flips (exact:
+    no interpolation). The same voxels cover the same box; only the origin (the first voxel's
+    corner) moves, which callers that keep only arrays never need."""
+    source, flipped = axis_reorientation(from_direction, to_direction)
+    n = volume.ndim
+    lead = list(range(n - 3))
+    # new index axis c sits at tensor dim n - 1 - c and comes from old tensor dim n - 1 - source[c]
+    order = lead + [n - 1 - source[c] for c in (2, 1, 0)]
+    out = volume.permute(*order)
+    flips = [n - 1 - c for c in range(3) if flipped[c]]
+    return out.flip(flips) if flips else out

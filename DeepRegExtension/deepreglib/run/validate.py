@@ -46,3 +46,29 @@ def validate(method: str, weights: Optional[str], cache, pairs: int = 10, device
             folding.append(100.0 * folding_fraction(jacobian_determinant(u)))
     return {"pairs": len(after), "dice_affine": float(np.mean(before)), "dice": float(np.mean(after)),
             "folding_percent": float(np.mean(folding))}
+
+
+def validate_pose(weights: Optional[str], cache, poses: int = 40, device="cpu") -> Dict[str, float]:
+    """D-Net's rotation error on ``poses`` new rigid poses over the full range (angle uniform in
+    (-180, 180) degrees about a uniform axis) of the cache's ``val`` subjects, unseen in training:
+    each a whole scan on the network's cube, laid out in the model card's ``grid_direction`` as
+    inference shows it (:func:`~deepreglib.methods.dnet.training.pose_errors`); the same poses
+    every time. ``weights`` ``None``: the shipped ones."""
+    from ..core.geometry import reorient_volume
+    from ..methods.dnet.method import WEIGHTS_STEM, cube_direction, load_dnet
+    from ..methods.dnet.training import pose_errors
+    from ..methods.weights import shipped_weights
+    model, card = load_dnet(weights or shipped_weights(WEIGHTS_STEM), torch.device(device))
+    subjects, grid = load_cache(cache, "val")
+    vols = [reorient_volume(s.image, grid.direction, cube_direction(card)).contiguous() for s in subjects]
+    # pose s shows subject s mod n (not a random one): every subject gets the same share
+    found = {"true_deg": [], "error_deg": [], "translation_error": []}
+    for s in range(poses):
+        r = pose_errors(model, [vols[s % len(vols)]], (model.input_size,) * 3, 1, seed=10_000 + s)
+        for k in found:
+            found[k].extend(r[k].tolist())
+    err = np.asarray(found["error_deg"])
+    return {"poses": int(err.size), "subjects": len(vols),
+            "rotation_median_deg": float(np.median(err)), "rotation_p90_deg": float(np.percentile(err, 90)),
+            "within_10_percent": float(100.0 * np.mean(err <= 10.0)),
+            "translation_error_median": float(np.median(found["translation_error"]))}

@@ -147,16 +147,29 @@ def _write_json(path: Path, data) -> None:
     tmp.replace(path)
 
 
-def load_cache(folder, split: str = "train", datasets: Optional[Sequence[str]] = None) -> Tuple[List[CachedSubject], Grid]:
-    """The cached subjects of ``split`` (every dataset, or those named) and the cache grid."""
-    folder = Path(folder)
+def _manifest(folder: Path) -> dict:
     path = folder / "cache.json"
     if not path.is_file():
         raise BadInputError(f"{folder} is not a training cache (no cache.json); build one with "
                             "`deepreg train-cache --data ../shared/data --out DIR`")
-    manifest = json.loads(path.read_text())
+    return json.loads(path.read_text())
+
+
+def _grid(manifest: dict) -> Grid:
     g = manifest["reference"]["grid"]
-    grid = Grid(tuple(g["shape"]), tuple(g["spacing"]), tuple(g["origin"]), tuple(g["direction"]))
+    return Grid(tuple(g["shape"]), tuple(g["spacing"]), tuple(g["origin"]), tuple(g["direction"]))
+
+
+def cache_grid(folder) -> Grid:
+    """The grid every cached subject is stored on (read from ``cache.json`` alone)."""
+    return _grid(_manifest(Path(folder)))
+
+
+def load_cache(folder, split: str = "train", datasets: Optional[Sequence[str]] = None) -> Tuple[List[CachedSubject], Grid]:
+    """The cached subjects of ``split`` (every dataset, or those named) and the cache grid."""
+    folder = Path(folder)
+    manifest = _manifest(folder)
+    grid = _grid(manifest)
     out = []
     for key in sorted(manifest["subjects"]):
         ds, sp, name = key.split("/")

@@ -62,6 +62,18 @@ def load_training_scans(args: argparse.Namespace) -> Tuple[List[torch.Tensor], O
     return load_real_volumes(args.real_dir, args.real_spacing), None
 
 
+def training_scan_direction(cfg: Dict[str, object]) -> Optional[List[float]]:
+    """The direction (row-major) the real scans of a run (``cfg``: its arguments as a dict) are
+    stored in as tensors: the training cache's grid for ``cache``, the NIfTI headers of
+    ``real_dir`` (:func:`scan_direction`); ``None`` without real scans."""
+    if cfg.get("cache"):
+        from .cache import cache_grid
+        return [float(v) for v in cache_grid(str(cfg["cache"])).direction]
+    if cfg.get("real_dir"):
+        return scan_direction(str(cfg["real_dir"]))
+    return None
+
+
 def scan_direction(folder: str) -> Optional[List[float]]:
     """The direction (row-major, as SimpleITK's ``GetDirection``) shared by every NIfTI scan in
     ``folder``, read from the headers; ``None`` if there are none. :func:`load_real_volumes`
@@ -218,6 +230,8 @@ def train(args: argparse.Namespace, recipes: Dict[str, TrainingRecipe],
     if step < args.steps and dist.main:
         _record_session(out / "config.json", args, step)
     vols, labels = (load_training_scans(args) if step < args.steps else ([], None))
+    if vols and recipe.prepare_scans is not None:
+        vols, labels = recipe.prepare_scans(vols, labels, training_scan_direction(vars(args)), args)
     csv_path = out / "loss.csv"
     if step < args.steps and dist.main:
         _truncate_log(csv_path, step)  # rows past the checkpoint are redone after a resume

@@ -53,6 +53,12 @@ class TrainingRecipe:
     #: ``grid_direction``, the orientation its real scans were seen in); also called once before
     #: training, so data it refuses (:class:`BadInputError`) stops the run before any step
     card_entries: Optional[Callable[[Dict[str, object]], Dict[str, object]]] = None
+    #: ``(vols, labels, direction, args) -> (vols, labels)``: the real scans (and their label maps
+    #: or ``None``) once before training, given the direction they are stored in
+    #: (:func:`~deepreglib.train.loop.training_scan_direction`); e.g. D-Net lays them out in its
+    #: cube's direction
+    prepare_scans: Optional[Callable[[List[torch.Tensor], Optional[List], Optional[Sequence[float]],
+                                      argparse.Namespace], Tuple[List[torch.Tensor], Optional[List]]]] = None
     #: on the CPU, train with the network's weights and the batch's volumes in channels-last
     #: layout (oneDNN's 3D convolutions are faster so; the loss is the same). Only for recipes
     #: whose code never ``.view``s a 5D tensor, which a channels-last tensor refuses.

@@ -43,6 +43,10 @@ from ..base import Method, MethodResult, RunContext
 
 #: model file stem of the shipped D-Net weights
 WEIGHTS_STEM = "dnet"
+#: the direction D-Net's training lays its real scans out in (the OASIS scans', in which the
+#: first network learned its poses): tensor axes ``(k, j, i)`` run anterior, inferior, left.
+#: Training records it as the card's ``grid_direction``; inference reads it from there.
+CUBE_DIRECTION = (1.0, 0.0, 0.0, 0.0, 0.0, -1.0, 0.0, -1.0, 0.0)
 
 
 def cube_direction(card: Optional[dict]) -> Tuple[float, ...]:
@@ -150,8 +154,7 @@ class DNetMethod(Method):
         self.attention_link = int(attention_link)
 
     def grid_for(self, fixed: Grid) -> Grid:
-        size = self.model.input_size
-        return dnet_grid(grid_centre(fixed), size, longest_side_mm(fixed) / size, self.direction)
+        return whole_scan_grid(fixed, self.model.input_size, self.direction)
 
     def run(self, fixed, moving, grid: Grid, ctx: RunContext) -> MethodResult:
         ctx.check()
@@ -178,6 +181,18 @@ class DNetMethod(Method):
                                     "image as given to the network (after --init), max-normalised"})
 
 
+def network_view(image, image_grid: Grid, net_grid: Grid) -> torch.Tensor:
+    """``image`` (on ``image_grid``) as D-Net is shown it: intensities normalised to [0, 1] and
+    resampled in physical space onto its cube ``net_grid`` (:func:`dnet_grid`)."""
+    arr = torch.as_tensor(image).float().reshape(1, 1, *image_grid.shape)
+    return resample_to_grid(normalize_intensity(arr), image_grid, net_grid)
+
+
+def whole_scan_grid(image_grid: Grid, size: int, direction) -> Grid:
+    """The cube that shows a scan whole: centred on it, its longest side across ``size`` voxels."""
+    return dnet_grid(grid_centre(image_grid), size, longest_side_mm(image_grid) / size, direction)
+
+
 def dnet_initializer(fixed, fixed_grid: Grid, moving, moving_grid: Grid, device="cpu",
                      progress=None, cancel=None, weights=None, **_) -> np.ndarray:
     """``--init dnet``: each image on its own D-Net cube (centred on it, facing the model card's
@@ -194,14 +209,10 @@ def dnet_initializer(fixed, fixed_grid: Grid, moving, moving_grid: Grid, device=
     if cancel is not None and cancel():
         from ...core.errors import CancelledError
         raise CancelledError("initial alignment cancelled")
-    size = model.input_size
-    spacing = longest_side_mm(fixed_grid) / size
-    f_net = dnet_grid(grid_centre(fixed_grid), size, spacing, direction)
-    m_net = dnet_grid(grid_centre(moving_grid), size, spacing, direction)
-    f = resample_to_grid(normalize_intensity(torch.as_tensor(fixed).float().reshape(1, 1, *fixed_grid.shape)),
-                         fixed_grid, f_net).to(device)
-    m = resample_to_grid(normalize_intensity(torch.as_tensor(moving).float().reshape(1, 1, *moving_grid.shape)),
-                         moving_grid, m_net).to(device)
+    f_net = whole_scan_grid(fixed_grid, model.input_size, direction)
+    m_net = dnet_grid(grid_centre(moving_grid), model.input_size, f_net.spacing[0], direction)
+    f = network_view(fixed, fixed_grid, f_net).to(device)
+    m = network_view(moving, moving_grid, m_net).to(device)
     if progress is not None:
         progress(0.5, "D-Net forward pass")
     rot, trans, _ = _predict(model, f, m)

@@ -41,7 +41,8 @@ import torch
 
 from .network import rotation_to_sixd
 from ...train.synth import random_rigid, rigid_matrix
-from ...train.loop import scan_direction
+from ...train.loop import training_scan_direction
+from .method import CUBE_DIRECTION
 from ...train.recipe import TrainingRecipe
 from ...train.draws import batch_generator, sample_through, uniform_draw
 
@@ -133,20 +134,70 @@ def max_angle_at(step: int, warmup: int, start_degrees: float) -> float:
     return math.radians(start_degrees + (180.0 - start_degrees) * frac)
 
 
-def whole_volume_batch(vols, shape, rng) -> Dict[str, torch.Tensor]:
-    """A real D-Net training volume as the method sees one at inference: the whole scan, padded
-    to a centred cube of its longest side and resampled (trilinear) to ``shape``; ``fixed`` only
-    (the recipe makes both views from it)."""
+#: the field of view of D-Net's real training views, as a factor of the scan's longest side:
+#: the cube shows a margin of up to 35 % around the stored scan, because at inference it holds
+#: the fixed image's whole field of view, and clinical fields of view are larger than the
+#: training cache's brain-centred box (160 x 200 x 160 mm) by up to about that much
+FIELD_OF_VIEW_RANGE = (1.0, 1.35)
+
+
+def whole_volume(v: torch.Tensor, shape, field_of_view: float = 1.0) -> torch.Tensor:
+    """``v`` ``(1, 1, D, H, W)`` as D-Net sees a scan: padded to a centred cube of its longest
+    side times ``field_of_view`` (>= 1) and resampled (trilinear) to ``shape``, in [0, 1]."""
     import torch.nn.functional as F
-    v = vols[int(rng.integers(0, len(vols)))]
-    side = max(v.shape[2:])
+    if field_of_view < 1.0:
+        raise ValueError(f"field_of_view must be >= 1 (the whole scan), got {field_of_view}")
+    side = int(round(max(v.shape[2:]) * field_of_view))
     pad = []
     for n in reversed(v.shape[2:]):
         lo = (side - n) // 2
         pad += [lo, side - n - lo]
     cube = F.pad(v, pad)
-    fixed = F.interpolate(cube, size=tuple(int(s) for s in shape), mode="trilinear", align_corners=True)
-    return {"fixed": fixed.clamp(0, 1), "moving": fixed.clamp(0, 1)}
+    return F.interpolate(cube, size=tuple(int(s) for s in shape), mode="trilinear",
+                         align_corners=True).clamp(0, 1)
+
+
+def whole_volume_batch(vols, shape, rng, field_of_view=(1.0, 1.0)) -> Dict[str, torch.Tensor]:
+    """A real D-Net training volume as the method sees one at inference: one of ``vols``, whole
+    (:func:`whole_volume`, with a field of view drawn uniformly in ``field_of_view``); ``fixed``
+    only (the recipe makes both views from it)."""
+    v = vols[int(rng.integers(0, len(vols)))]
+    lo, hi = field_of_view
+    fixed = whole_volume(v, shape, float(rng.uniform(lo, hi)) if hi > lo else float(lo))
+    return {"fixed": fixed, "moving": fixed}
+
+
+def _real_views(vols, shape, rng) -> Dict[str, torch.Tensor]:
+    return whole_volume_batch(vols, shape, rng, FIELD_OF_VIEW_RANGE)
+
+
+def pose_errors(model, vols, shape, poses: int, seed: int = 10_000,
+                field_of_view=FIELD_OF_VIEW_RANGE) -> Dict[str, np.ndarray]:
+    """D-Net's rotation error on ``poses`` new rigid poses of ``vols`` (each a whole scan in the
+    network's cube, a field of view drawn in ``field_of_view``, the fixed view in the scan's own
+    orientation, no intensity augmentation): pose ``s`` is drawn from ``seed + s`` (seeds past
+    training's), so two calls score the same poses. Returns per pose the true angle, the rotation
+    error (degrees, trace formula) and the translation error (normalised units)."""
+    true, err, terr = [], [], []
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    for s in range(poses):
+        view = whole_volume_batch(vols, shape, np.random.default_rng(seed + s), field_of_view)["fixed"]
+        ex = rigid_training_pair(view, torch.Generator().manual_seed(seed + s), random_fixed_pose=False,
+                                 augment=False)
+        with torch.inference_mode():
+            out = model(ex["moving"].to(device), ex["fixed"].to(device))
+        r, rh = ex["rotation"][0].double(), out.rotation[0].detach().cpu().double()
+        true.append(_angle_deg(r))
+        err.append(_angle_deg(rh.T @ r))
+        terr.append(float((out.translation[0].detach().cpu().double() - ex["translation"][0].double()).norm()))
+    model.train(was_training)
+    return {"true_deg": np.asarray(true), "error_deg": np.asarray(err), "translation_error": np.asarray(terr)}
+
+
+def _angle_deg(r: torch.Tensor) -> float:
+    return math.degrees(math.acos(max(-1.0, min(1.0, (float(torch.trace(r)) - 1.0) / 2.0))))
 
 
 def vary_anatomy(volume: torch.Tensor, g: torch.Generator, max_std: float) -> torch.Tensor:
@@ -190,18 +241,41 @@ def _loss(model, batch, args):
                    "max_angle_deg": math.degrees(max_angle)}
 
 
+def _check_direction(direction) -> None:
+    from ...core.geometry import axis_reorientation
+    axis_reorientation(direction, CUBE_DIRECTION)  # BadInputError for an oblique scan
+
+
+def _prepare_scans(vols, labels, direction, args):
+    """The real scans laid out in :data:`~deepreglib.methods.dnet.method.CUBE_DIRECTION` (axis
+    permutation and flips, exact), the orientation D-Net learns poses in, whatever direction
+    the cache or the scans' files store them in."""
+    if direction is None:
+        return vols, labels
+    from ...core.geometry import reorient_volume
+    vols = [reorient_volume(v, direction, CUBE_DIRECTION) for v in vols]
+    if labels is not None:
+        labels = [None if lab is None else reorient_volume(lab, direction, CUBE_DIRECTION) for lab in labels]
+    return vols, labels
+
+
 def _card_entries(cfg) -> dict:
-    """``grid_direction``: the orientation of the real scans (as the network saw them), so that
-    inference shows every input to the network in that orientation (:func:`~deepreglib.methods.
-    dnet.cube_direction`); the identity when there were no real scans (synthetic volumes have
-    no anatomy to orient)."""
-    d = scan_direction(str(cfg["real_dir"])) if cfg.get("real_dir") else None
-    return {"grid_direction": d if d is not None else [float(v) for v in np.eye(3).ravel()]}
+    """``grid_direction``: the orientation the real scans were shown to the network in
+    (:data:`~deepreglib.methods.dnet.method.CUBE_DIRECTION`, into which :func:`_prepare_scans`
+    lays them out), so that inference shows every input to the network in that orientation
+    (:func:`~deepreglib.methods.dnet.cube_direction`); the identity when there were no real
+    scans (synthetic volumes have no anatomy to orient). Raises :class:`BadInputError` for scans
+    that disagree or are oblique to it."""
+    d = training_scan_direction(cfg)
+    if d is None:
+        return {"grid_direction": [float(v) for v in np.eye(3).ravel()]}
+    _check_direction(d)
+    return {"grid_direction": [float(v) for v in CUBE_DIRECTION]}
 
 
 DNET = TrainingRecipe(
     build=_build, loss=_loss, lr=1e-4, terms=("translation_loss", "rotation_loss", "max_angle_deg"),
-    add_arguments=add_dnet_arguments, real_batch=whole_volume_batch,
+    add_arguments=add_dnet_arguments, real_batch=_real_views, prepare_scans=_prepare_scans,
     flips=lambda args: _arg(args, "fixed_pose") == "random",
     card_entries=_card_entries,
     description="D-Net supervised rigid pose: one volume under a random rigid pose (angle uniform in "
