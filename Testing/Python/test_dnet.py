@@ -587,3 +587,19 @@ def test_dnet_training_views_jitter_the_field_of_view():
     assert extent[1.3] == pytest.approx(extent[1.0] / 1.3, abs=1.5)
     with pytest.raises(ValueError, match="field_of_view"):
         whole_volume(v, (8, 8, 8), 0.9)
+
+
+def test_pose_recovery_scores_an_aligner_against_the_poses_it_drew(tmp_path):
+    """The engine's rigid registration recovers the known poses (the score's truth is the right
+    way round); the identity scores each pose's own angle; SAM-affine's validation runs the
+    shipped initializer on the same poses."""
+    from deepreglib.classic.initial import initial_transform
+    from deepreglib.run.validate import pose_recovery, validate_sam_affine
+    cache = _tiny_cache(tmp_path / "cache", shape=(20, 24, 18))
+    rigid = pose_recovery(lambda f, g, m: initial_transform("rigid", f, g, m, g), cache, poses=2,
+                          max_angle_deg=20.0, max_translation_mm=5.0)
+    assert rigid["rotation_median_deg"] < 2.0 and rigid["centre_error_median_mm"] < 1.5
+    still = pose_recovery(lambda f, g, m: np.eye(4), cache, poses=2, max_angle_deg=20.0)
+    assert 1.0 < still["rotation_median_deg"] <= 20.0 and still["within_3_percent"] <= 50.0
+    sam = validate_sam_affine(None, cache, poses=2)  # the shipped sam.pt
+    assert sam["poses"] == 2 and 0.0 <= sam["rotation_median_deg"] <= 180.0

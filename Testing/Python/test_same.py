@@ -389,3 +389,14 @@ def test_same_affine_sees_a_moving_file_in_another_voxel_order_unmirrored(tmp_pa
     seen_own = resample_to_grid(scene(b), b, own)
     seen_facing = resample_to_grid(scene(b), b, views[1][3])
     assert float((seen_own - seen_facing).abs().max()) > 0.2
+
+
+def test_sam_training_views_turn_by_at_most_the_chosen_angle():
+    import math
+    from deepreglib.methods.same.training import random_view_matrix
+    for angle_deg in (0.0, 25.0):
+        for seed in range(8):
+            m = random_view_matrix((32, 32, 32), torch.Generator().manual_seed(seed), math.radians(angle_deg))
+            u, _, vt = np.linalg.svd(m[:3, :3])  # the rotation of the polar decomposition
+            turn = math.degrees(math.acos(np.clip((np.trace(u @ vt) - 1) / 2, -1, 1)))
+            assert turn <= angle_deg + 1e-6

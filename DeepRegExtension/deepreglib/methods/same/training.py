@@ -41,12 +41,13 @@ MAX_ANGLE = math.pi / 12
 SAM_WEIGHT = 0.5
 
 
-def random_view_matrix(shape, g: torch.Generator) -> np.ndarray:
-    """4x4 map view index ``(k, j, i)`` -> volume index: about the centre, scale, rotate, shift."""
+def random_view_matrix(shape, g: torch.Generator, max_angle: float = MAX_ANGLE) -> np.ndarray:
+    """4x4 map view index ``(k, j, i)`` -> volume index: about the centre, scale, rotate (by up to
+    ``max_angle`` radians), shift."""
     shape = np.asarray(shape, dtype=np.float64)
     c = (shape - 1) / 2
     scale = np.exp([uniform_draw(g, math.log(SCALE_RANGE[0]), math.log(SCALE_RANGE[1])) for _ in range(3)])
-    rot, unit_shift = random_rigid(g, MAX_ANGLE, 1.0)
+    rot, unit_shift = random_rigid(g, max_angle, 1.0)
     m = np.eye(4)
     m[:3, :3] = rot @ np.diag(scale)
     m[:3, 3] = c + unit_shift * SHIFT_FRACTION * shape - m[:3, :3] @ c
@@ -61,15 +62,15 @@ def _intensity(view: torch.Tensor, g: torch.Generator) -> torch.Tensor:
 
 
 def contrastive_views(volume: torch.Tensor, g: torch.Generator, anchors: int = ANCHORS,
-                      foreground: float = 0.05) -> Dict[str, torch.Tensor]:
-    """Two augmented views of ``volume`` ``(1, 1, D, H, W)`` and ``anchors`` corresponding voxel
-    pairs: returns ``view_a``, ``view_b`` ``(1, 1, D, H, W)`` and ``points_a``, ``points_b``
+                      foreground: float = 0.05, max_angle: float = MAX_ANGLE) -> Dict[str, torch.Tensor]:
+    """Two augmented views of ``volume`` ``(1, 1, D, H, W)`` (each turned by up to ``max_angle``
+    radians) and ``anchors`` corresponding voxel pairs: returns ``view_a``, ``view_b`` ``(1, 1, D, H, W)`` and ``points_a``, ``points_b``
     ``(P, 3)`` voxel indices ``(k, j, i)`` (inside both views, on foreground of ``V`` when there
     is enough of it)."""
     if volume.ndim != 5 or volume.shape[:2] != (1, 1):
         raise ValueError(f"volume must be (1, 1, D, H, W), got {tuple(volume.shape)}")
     shape = np.asarray(volume.shape[2:])
-    ma, mb = random_view_matrix(shape, g), random_view_matrix(shape, g)
+    ma, mb = random_view_matrix(shape, g, max_angle), random_view_matrix(shape, g, max_angle)
     a_to_b = np.linalg.inv(mb) @ ma
     cand = (torch.rand((8 * anchors, 3), generator=g, dtype=torch.float64) * torch.as_tensor(shape - 1.0)).round()
     pa = cand.numpy()
@@ -116,13 +117,21 @@ def _build_sam(args):
 
 def _sam_loss(model, batch, args):
     g = batch_generator(batch, args.seed, getattr(args, "current_step", None))
-    views = contrastive_views(batch["fixed"].detach().cpu().float(), g)
+    views = contrastive_views(batch["fixed"].detach().cpu().float(), g,
+                              max_angle=math.radians(float(getattr(args, "sam_max_angle", math.degrees(MAX_ANGLE)))))
     lg, ll = sam_contrastive_loss(model, views, g, _GLOBAL_NCE, _LOCAL_NCE)
     return lg + ll, {"global_nce": float(lg.detach()), "local_nce": float(ll.detach())}
 
 
+def add_sam_arguments(p) -> None:
+    """The recipe's own options (ignored by other recipes)."""
+    p.add_argument("--sam-max-angle", type=float, default=math.degrees(MAX_ANGLE),
+                   help="sam: largest rotation (degrees) of each of the two views (default 15: two views "
+                        "differ by up to 30; SAM-affine's range needs the relative turns it should undo)")
+
+
 SAM = TrainingRecipe(
-    build=_build_sam, loss=_sam_loss, lr=1e-4, terms=("global_nce", "local_nce"),
+    build=_build_sam, loss=_sam_loss, lr=1e-4, terms=("global_nce", "local_nce"), add_arguments=add_sam_arguments,
     description="SAM self-supervised embeddings: pixel InfoNCE (tau 0.5, 64 hard + 64 diverse negatives) "
                 "between two augmented views (crop/scale/rotation/intensity) on global (1/8) + local (1/2) "
                 "embeddings")
