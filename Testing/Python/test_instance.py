@@ -270,3 +270,16 @@ def test_box_mean3_backward_is_the_adjoint_of_its_forward():
         want, = torch.autograd.grad((_box_mean3(x) * g).sum(), x)
         assert torch.allclose(ours, want, atol=1e-12)
         assert torch.equal(box_mean3(x.detach()), _box_mean3(x.detach()))
+
+
+def test_stats_count_the_steps_each_level_took():
+    """Identical images converge at once: every level stops after the 11 steps its stop rule
+    needs, and the voxels shrink 8x per level of the pyramid; the field is the same as without
+    ``stats``."""
+    f = _blobs()
+    stats = {}
+    u = instance_register(f, f.clone(), stats=stats)
+    assert len(stats["steps"]) == len(FROM_AFFINE.levels) == len(stats["voxels"])
+    assert all(11 <= n <= cap for n, cap in zip(stats["steps"], FROM_AFFINE.steps))
+    assert stats["voxels"][0] < stats["voxels"][1] < stats["voxels"][2]
+    assert torch.equal(u, instance_register(f, f.clone()))

@@ -35,7 +35,7 @@ greedy (Yushkevich et al.), measured on the ixi_muse val split (docs/BENCHMARKS.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, List, Optional, Tuple, Union
+from typing import Callable, Dict, List, Optional, Tuple, Union
 
 import numpy as np
 import torch
@@ -257,7 +257,7 @@ def instance_register(fixed: torch.Tensor, moving: torch.Tensor,
                       moving_labels: Optional[torch.Tensor] = None, label_weight: float = 1.0,
                       fixed_points=None, moving_points=None, landmark_weight: float = 0.1,
                       crop: bool = True, similarity: str = "lncc", progress: ProgressFn = None,
-                      cancel: CancelFn = None) -> torch.Tensor:
+                      cancel: CancelFn = None, stats: Optional[Dict[str, list]] = None) -> torch.Tensor:
     """Optimise a displacement so that ``moving(x + u(x))`` matches ``fixed`` (module docstring).
 
     Args:
@@ -272,6 +272,8 @@ def instance_register(fixed: torch.Tensor, moving: torch.Tensor,
         crop: optimise on the foreground box only (:func:`foreground_box`).
         similarity: ``"lncc"`` (same contrast) or ``"mind"`` (different contrasts), see
             :data:`SIMILARITIES`.
+        stats: a dict that receives, per level run, ``steps`` (the Adam steps taken) and
+            ``voxels`` (the level's image voxels, what a step costs).
     Returns:
         ``(1, 3, D, H, W)`` displacement in voxels (detached), without folding where
         :func:`unfold` could repair it.
@@ -358,6 +360,9 @@ def instance_register(fixed: torch.Tensor, moving: torch.Tensor,
                          f"level {index + 1}/{n_levels}: step {step + 1}, loss {history[-1]:.4f}")
             if len(history) > 10 and history[-11] - min(history[-10:]) < schedule.tol:
                 break
+        if stats is not None:
+            stats.setdefault("steps", []).append(len(history))
+            stats.setdefault("voxels", []).append(int(np.prod(image_shape)))
         with torch.no_grad():
             u = smoothed(p.detach(), schedule.smooth_passes[index])
             if schedule.increments:
