@@ -52,7 +52,7 @@ def _child(case: str, shape, device: str, threads: int) -> dict:
     import torch
     torch.set_num_threads(threads)
     from deepreglib.methods.weights import load_model, models_dir
-    from deepreglib.networks import carnet as carnet_module
+    from deepreglib.methods.carnet import network as carnet_module
     dev = torch.device(device)
     g = torch.Generator().manual_seed(0)
     fixed = torch.rand((1, 1) + tuple(shape), generator=g).to(dev)

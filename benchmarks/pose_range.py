@@ -136,7 +136,8 @@ def engine_initializer(name: str, **options) -> Callable:
     def run(fixed, moving, device):
         from deepreglib.classic.initial import INITIALIZERS, initial_transform
         from deepreglib.io.images import image_to_tensor
-        from deepreglib.methods import learned_init  # noqa: F401  (registers dnet / same-affine)
+        from deepreglib.run.initializers import register_learned_initializers
+        register_learned_initializers()  # dnet, same-affine and their refined forms, from the shipped weights
         if name not in INITIALIZERS:
             raise LookupError(f"--init {name} is not available (are its weights shipped?)")
         f, gf = image_to_tensor(fixed)
