@@ -44,10 +44,13 @@ FIELDS = ["date", "session", "method", "from_step", "to_step", "cpu_hours", "cpu
 #: train with the label term at the same relative weight.
 #: The learning rate: 3e-4 until 2026-12-07T14:06, then a step down to 1e-4 for both (carnet's val
 #: Dice had stayed within 0.562-0.567 from step 6875 to 10525 and voxelmorph's within 0.590-0.599
-#: from 8950 to 11350: a plateau of the constant step, the usual point for a decay)
+#: from 8950 to 11350: a plateau of the constant step, the usual point for a decay); then from
+#: 2026-12-07T17:15 a second step down to 3e-5 (at 1e-4 carnet rose 0.567 -> 0.5738 and then held
+#: at 0.5731-0.5738 from step 11375 to 11850, voxelmorph 0.595 -> 0.6020, held at 0.6017-0.6020
+#: from 11825 to 12125)
 RECIPES = {
-    "carnet": ["--lr", "0.0001", "--label-weight", "20.0", "--real-fraction", "0.8"],
-    "voxelmorph": ["--lr", "0.0001", "--label-weight", "1.0", "--real-fraction", "0.8"],
+    "carnet": ["--lr", "0.00003", "--label-weight", "20.0", "--real-fraction", "0.8"],
+    "voxelmorph": ["--lr", "0.00003", "--label-weight", "1.0", "--real-fraction", "0.8"],
     #: D-Net (from 2026-12-07T16:40): the shipped network (36000 steps on 4 OASIS scans) fine-tuned
     #: on the cache's 208 train scans (whole, laid out in its cube's direction, a field of view
     #: jittered by up to 35 %), its own 48^3 cube, poses relative to the scans' own orientation

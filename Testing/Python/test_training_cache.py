@@ -115,3 +115,29 @@ def test_deepreg_train_on_the_cache_learns_from_labelled_real_pairs(small_cache,
     with pytest.raises(BadInputError, match="either --cache or --real-dir"):
         from deepreglib.train.loop import load_training_scans
         load_training_scans(argparse.Namespace(cache=str(small_cache), real_dir=str(tmp_path)))
+
+
+def test_the_campaign_ledger_gains_new_columns_without_losing_a_row(tmp_path, monkeypatch):
+    """A ledger written before D-Net's pose columns existed is rewritten in the new layout when
+    the first row of the new kind arrives; every old row and value is kept."""
+    import csv
+    import importlib.util
+    from pathlib import Path
+    spec = importlib.util.spec_from_file_location(
+        "campaign", Path(__file__).resolve().parents[2] / "benchmarks" / "campaign.py")
+    campaign = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(campaign)
+    ledger = tmp_path / "ledger.csv"
+    old_fields = campaign.FIELDS[:campaign.FIELDS.index("sha256") + 1]
+    with open(ledger, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=old_fields)
+        w.writeheader()
+        w.writerow({k: ("carnet" if k == "method" else "0.5") for k in old_fields})
+    monkeypatch.setattr(campaign, "LEDGER", ledger)
+    campaign.append_ledger({"method": "dnet", "val_rotation_median_deg": "15.40"})
+    rows = list(csv.DictReader(open(ledger)))
+    assert list(rows[0].keys()) == campaign.FIELDS
+    assert rows[0]["method"] == "carnet" and rows[0]["val_dice"] == "0.5" and rows[0]["val_rotation_median_deg"] == ""
+    assert rows[1]["method"] == "dnet" and rows[1]["val_rotation_median_deg"] == "15.40"
+    assert campaign.primary("dnet", {"rotation_median_deg": 15.4}) == -15.4  # lower error, higher score
+    assert campaign.primary("carnet", {"dice": 0.57}) == 0.57
