@@ -204,6 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
     pm.add_argument("--json", action="store_true")
     from .methods.registry import training_recipes
     from .train.loop import add_arguments
+    from .train.cache import DATASETS as CACHE_SETS, DEFAULT_SETS as DEFAULT_CACHE_SETS
     pt = sub.add_parser("train", help="train (or resume training) a method's network")
     add_arguments(pt, training_recipes())
     pc = sub.add_parser("train-cache", help="align the real training scans affinely to one reference, once, "
@@ -212,7 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
     pc.add_argument("--out", required=True, help="cache folder (resumes a build with the same settings)")
     pc.add_argument("--shape", type=int, nargs=3, default=(64, 80, 64), metavar=("D", "H", "W"))
     pc.add_argument("--spacing", type=float, default=2.5, help="mm")
-    pc.add_argument("--datasets", nargs="+", default=["ixi_muse", "openneuro_ds002748"])
+    pc.add_argument("--datasets", nargs="+", default=list(DEFAULT_CACHE_SETS), choices=sorted(CACHE_SETS))
     pc.add_argument("--limit", type=int, default=None, help="at most this many subjects per split (tests)")
     pc.add_argument("--threads", type=int, default=1)
     pr = sub.add_parser("report", help="draw the QA picture of a finished run")

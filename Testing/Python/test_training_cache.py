@@ -141,3 +141,41 @@ def test_the_campaign_ledger_gains_new_columns_without_losing_a_row(tmp_path, mo
     assert rows[1]["method"] == "dnet" and rows[1]["val_rotation_median_deg"] == "15.40"
     assert campaign.primary("dnet", {"rotation_median_deg": 15.4}) == -15.4  # lower error, higher score
     assert campaign.primary("carnet", {"dice": 0.57}) == 0.57
+
+
+def test_whole_head_scans_are_cached_through_their_skull_stripped_scan(tmp_path):
+    """A whole-head IXI scan is aligned through the same subject's skull-stripped scan (the same
+    scanner space): on the cache grid the two agree inside the brain. Registration recipes
+    train on the skull-stripped sets only; D-Net and SAM, which see one scan at a time, take
+    the whole heads too."""
+    from conftest import SHARED_DATA
+    from deepreglib.core.resample import resample_to_grid
+    from deepreglib.io.images import image_to_tensor, read_image
+    from deepreglib.core.preprocess import normalize_intensity
+    from deepreglib.methods.registry import training_recipes
+    from deepreglib.train.cache import TRAINING_SETS
+    if not (SHARED_DATA / "ixi_muse").is_dir():
+        pytest.skip(f"{SHARED_DATA / 'ixi_muse'} is absent")
+    out = tmp_path / "cache"
+    build_cache(SHARED_DATA, out, shape=(48, 64, 48), spacing=3.0, datasets=["ixi_muse_wholehead"], limit=1,
+                log=lambda m: None)
+    (subject,), grid = load_cache(out, "train", ["ixi_muse_wholehead"])
+    name = subject.name.split("/")[1]
+    assert (SHARED_DATA / "ixi_muse" / f"{name}_t1_wholehead.nii.gz").is_file() and subject.labels is None
+    matrix = np.asarray(json.loads((out / "cache.json").read_text())["subjects"][
+        f"ixi_muse_wholehead/train/{name}"]["matrix_lps"])
+    brain, bgrid = image_to_tensor(read_image(SHARED_DATA / "ixi_muse" / f"{name}_t1.nii.gz"))
+    brain = resample_to_grid(normalize_intensity(brain.float()), bgrid, grid, matrix_lps=matrix)
+    inside = brain > 0.05
+    assert float(inside.float().mean()) > 0.1
+    corr = np.corrcoef(subject.image[inside].numpy(), brain[inside].numpy())[0, 1]
+    assert corr > 0.9
+    assert "ixi_muse_wholehead" not in TRAINING_SETS
+    recipes = training_recipes()
+    assert "ixi_muse_wholehead" in recipes["dnet"].cache_sets and "ixi_muse_wholehead" in recipes["sam"].cache_sets
+    assert recipes["voxelmorph"].cache_sets is None and recipes["carnet"].cache_sets is None
+    from deepreglib.train.loop import load_training_scans
+    vols, _ = load_training_scans(argparse.Namespace(cache=str(out), real_dir=None), recipes["dnet"].cache_sets)
+    assert len(vols) == 1
+    with pytest.raises(BadInputError, match="no cached subjects"):  # only whole heads here
+        load_training_scans(argparse.Namespace(cache=str(out), real_dir=None))

@@ -59,7 +59,7 @@ def validate_pose(weights: Optional[str], cache, poses: int = 40, device="cpu") 
     from ..methods.dnet.training import pose_errors
     from ..methods.weights import shipped_weights
     model, card = load_dnet(weights or shipped_weights(WEIGHTS_STEM), torch.device(device))
-    subjects, grid = load_cache(cache, "val")
+    subjects, grid = load_cache(cache, "val", ["ixi_muse"])
     vols = [reorient_volume(s.image, grid.direction, cube_direction(card)).contiguous() for s in subjects]
     # pose s shows subject s mod n (not a random one): every subject gets the same share
     found = {"true_deg": [], "error_deg": [], "translation_error": []}
@@ -109,7 +109,7 @@ def pose_recovery(align, cache, poses: int = 20, max_angle_deg: float = 45.0,
     from ..core.geometry import Grid
     from ..train.draws import sample_through
     from ..train.synth import random_rigid, rigid_matrix
-    subjects, grid = load_cache(cache, "val")
+    subjects, grid = load_cache(cache, "val", ["ixi_muse"])
     side = max(grid.shape)
     cube = Grid((side,) * 3, grid.spacing, (0.0, 0.0, 0.0), grid.direction)
     # the cube's origin puts the subject's grid centre at the cube's centre

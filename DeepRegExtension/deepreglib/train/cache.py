@@ -30,11 +30,37 @@ import torch
 from ..core.errors import BadInputError
 from ..core.geometry import Grid
 
-#: datasets the cache knows: folder, image suffix, label suffix (or None), which splits to cache
+@dataclass(frozen=True)
+class CacheSet:
+    """A set of scans the cache knows: its ``folder`` under the data root, the image and label
+    file suffixes (``labels`` None: unlabelled) and the splits cached. ``align_with``: the
+    suffix of another scan of the same subject in the same scanner space (the skull-stripped
+    scan of a whole-head one), aligned in its place and its matrix applied to this image, for
+    scans the alignment to the (skull-stripped) reference would handle badly; ``optional``:
+    subjects without this file are skipped (only some IXI subjects have a whole-head scan)."""
+
+    folder: str
+    image: str
+    labels: Optional[str]
+    splits: Tuple[str, ...]
+    align_with: Optional[str] = None
+    optional: bool = False
+
+
+#: the sets the cache knows
 DATASETS = {
-    "ixi_muse": ("ixi_muse", "_t1.nii.gz", "_labels.nii.gz", ("train", "val")),
-    "openneuro_ds002748": ("openneuro_ds002748", "_t1.nii.gz", None, ("train",)),
+    "ixi_muse": CacheSet("ixi_muse", "_t1.nii.gz", "_labels.nii.gz", ("train", "val")),
+    "openneuro_ds002748": CacheSet("openneuro_ds002748", "_t1.nii.gz", None, ("train",)),
+    # the 16 IXI train subjects also scanned whole-head: whole heads for the networks that see a
+    # scan whole (D-Net, SAM); aligned through their skull-stripped scan (same space)
+    "ixi_muse_wholehead": CacheSet("ixi_muse", "_t1_wholehead.nii.gz", None, ("train",),
+                                   align_with="_t1.nii.gz", optional=True),
 }
+#: what ``deepreg train-cache`` builds by default
+DEFAULT_SETS = ("ixi_muse", "openneuro_ds002748", "ixi_muse_wholehead")
+#: what a recipe trains on unless it names its own (TrainingRecipe.cache_sets): the skull-stripped
+#: brains, so that a pair of two subjects is two images of one kind
+TRAINING_SETS = ("ixi_muse", "openneuro_ds002748")
 CACHE_VERSION = 1
 
 
@@ -71,7 +97,7 @@ def _split(root: Path, folder: str, split: str) -> List[str]:
 
 
 def build_cache(data_root, out, shape: Sequence[int] = (64, 80, 64), spacing: float = 2.5,
-                datasets: Sequence[str] = ("ixi_muse", "openneuro_ds002748"),
+                datasets: Sequence[str] = DEFAULT_SETS,
                 limit: Optional[int] = None, log: Callable[[str], None] = print) -> Path:
     """Align and cache the subjects of ``datasets``; subjects already cached (same settings) are
     kept, so an interrupted build resumes. Returns the path of ``cache.json``."""
@@ -108,9 +134,13 @@ def build_cache(data_root, out, shape: Sequence[int] = (64, 80, 64), spacing: fl
                                       "origin": list(grid.origin), "direction": list(grid.direction)}}
     subjects = manifest.setdefault("subjects", {})
     for ds in datasets:
-        folder, img_suffix, lab_suffix, splits = DATASETS[ds]
-        for split in splits:
-            names = _split(root, folder, split)[: limit or None]
+        cset = DATASETS[ds]
+        folder, img_suffix, lab_suffix = cset.folder, cset.image, cset.labels
+        for split in cset.splits:
+            names = _split(root, folder, split)
+            if cset.optional:
+                names = [n for n in names if (root / folder / f"{n}{img_suffix}").is_file()]
+            names = names[: limit or None]
             for k, name in enumerate(names):
                 key = f"{ds}/{split}/{name}"
                 target = out / ds / split / f"{name}.npz"
@@ -120,7 +150,11 @@ def build_cache(data_root, out, shape: Sequence[int] = (64, 80, 64), spacing: fl
                 img = read_image(root / folder / f"{name}{img_suffix}")
                 mov, mgrid = image_to_tensor(img)
                 mov = normalize_intensity(mov.float())
-                matrix = initial_transform("affine", ref_on_grid, grid, mov, mgrid)
+                if cset.align_with:  # aligned through the same subject's other scan (same space)
+                    same, sgrid = image_to_tensor(read_image(root / folder / f"{name}{cset.align_with}"))
+                    matrix = initial_transform("affine", ref_on_grid, grid, normalize_intensity(same.float()), sgrid)
+                else:
+                    matrix = initial_transform("affine", ref_on_grid, grid, mov, mgrid)
                 warped = resample_to_grid(mov, mgrid, grid, matrix_lps=matrix)
                 arrays = {"image": np.round(warped[0, 0].clamp(0, 1).numpy() * 255).astype(np.uint8)}
                 if lab_suffix:

@@ -50,14 +50,16 @@ def load_real_volumes(folder: Optional[str], spacing_mm: float = 2.0) -> List[to
     return vols
 
 
-def load_training_scans(args: argparse.Namespace) -> Tuple[List[torch.Tensor], Optional[List]]:
-    """The real scans of a run: the training cache's ``train`` split (``--cache``, with its label
-    maps) or the NIfTI files of ``--real-dir``; ``([], None)`` when neither is given."""
+def load_training_scans(args: argparse.Namespace, cache_sets: Optional[Sequence[str]] = None
+                        ) -> Tuple[List[torch.Tensor], Optional[List]]:
+    """The real scans of a run: the training cache's ``train`` split of ``cache_sets`` (default
+    :data:`~deepreglib.train.cache.TRAINING_SETS`; ``--cache``, with its label maps) or the
+    NIfTI files of ``--real-dir``; ``([], None)`` when neither is given."""
     if getattr(args, "cache", None):
         if args.real_dir:
             raise BadInputError("give either --cache or --real-dir, not both")
-        from .cache import load_cache
-        subjects, _ = load_cache(args.cache, "train")
+        from .cache import TRAINING_SETS, load_cache
+        subjects, _ = load_cache(args.cache, "train", list(cache_sets or TRAINING_SETS))
         return [s.image for s in subjects], [s.labels for s in subjects]
     return load_real_volumes(args.real_dir, args.real_spacing), None
 
@@ -229,7 +231,7 @@ def train(args: argparse.Namespace, recipes: Dict[str, TrainingRecipe],
     dist.broadcast_model(model)  # every process starts from rank 0's weights
     if step < args.steps and dist.main:
         _record_session(out / "config.json", args, step)
-    vols, labels = (load_training_scans(args) if step < args.steps else ([], None))
+    vols, labels = (load_training_scans(args, recipe.cache_sets) if step < args.steps else ([], None))
     if vols and recipe.prepare_scans is not None:
         vols, labels = recipe.prepare_scans(vols, labels, training_scan_direction(vars(args)), args)
     csv_path = out / "loss.csv"

@@ -59,6 +59,11 @@ class TrainingRecipe:
     #: cube's direction
     prepare_scans: Optional[Callable[[List[torch.Tensor], Optional[List], Optional[Sequence[float]],
                                       argparse.Namespace], Tuple[List[torch.Tensor], Optional[List]]]] = None
+    #: the training cache's sets the recipe trains on (``--cache``; names of
+    #: :data:`deepreglib.train.cache.DATASETS`); None: :data:`~deepreglib.train.cache.TRAINING_SETS`,
+    #: the skull-stripped brains (a registration pair must be two images of one kind); D-Net and
+    #: SAM, which see one scan at a time, also take the whole-head scans
+    cache_sets: Optional[Tuple[str, ...]] = None
     #: on the CPU, train with the network's weights and the batch's volumes in channels-last
     #: layout (oneDNN's 3D convolutions are faster so; the loss is the same). Only for recipes
     #: whose code never ``.view``s a 5D tensor, which a channels-last tensor refuses.

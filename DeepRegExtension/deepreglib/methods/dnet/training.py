@@ -276,6 +276,7 @@ def _card_entries(cfg) -> dict:
 DNET = TrainingRecipe(
     build=_build, loss=_loss, lr=1e-4, terms=("translation_loss", "rotation_loss", "max_angle_deg"),
     add_arguments=add_dnet_arguments, real_batch=_real_views, prepare_scans=_prepare_scans,
+    cache_sets=("ixi_muse", "openneuro_ds002748", "ixi_muse_wholehead"),
     flips=lambda args: _arg(args, "fixed_pose") == "random",
     card_entries=_card_entries,
     description="D-Net supervised rigid pose: one volume under a random rigid pose (angle uniform in "

@@ -132,6 +132,7 @@ def add_sam_arguments(p) -> None:
 
 SAM = TrainingRecipe(
     build=_build_sam, loss=_sam_loss, lr=1e-4, terms=("global_nce", "local_nce"), add_arguments=add_sam_arguments,
+    cache_sets=("ixi_muse", "openneuro_ds002748", "ixi_muse_wholehead"),
     description="SAM self-supervised embeddings: pixel InfoNCE (tau 0.5, 64 hard + 64 diverse negatives) "
                 "between two augmented views (crop/scale/rotation/intensity) on global (1/8) + local (1/2) "
                 "embeddings")
