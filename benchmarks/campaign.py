@@ -48,22 +48,26 @@ FIELDS = ["date", "session", "method", "from_step", "to_step", "cpu_hours", "cpu
 #: 2026-12-07T17:15 a second step down to 3e-5 (at 1e-4 carnet rose 0.567 -> 0.5738 and then held
 #: at 0.5731-0.5738 from step 11375 to 11850, voxelmorph 0.595 -> 0.6020, held at 0.6017-0.6020
 #: from 11825 to 12125)
+#: every recipe from 2026-12-07T18:00: the convolutions in bf16, the rest in float32 (steps 1.8-2.2x
+#: faster on this CPU, AVX512-BF16, with the gradient's direction kept: cosine to float32's
+#: 0.994-0.99999 on real brains; benchmarks/training_step_layout.py, docs/BENCHMARKS.md)
+BF16 = ["--bf16-conv"]
 RECIPES = {
-    "carnet": ["--lr", "0.00003", "--label-weight", "20.0", "--real-fraction", "0.8"],
-    "voxelmorph": ["--lr", "0.00003", "--label-weight", "1.0", "--real-fraction", "0.8"],
+    "carnet": ["--lr", "0.00003", "--label-weight", "20.0", "--real-fraction", "0.8", *BF16],
+    "voxelmorph": ["--lr", "0.00003", "--label-weight", "1.0", "--real-fraction", "0.8", *BF16],
     #: D-Net (from 2026-12-07T16:40): the shipped network (36000 steps on 4 OASIS scans) fine-tuned
     #: on the cache's 208 train scans (whole, laid out in its cube's direction, a field of view
     #: jittered by up to 35 %), its own 48^3 cube, poses relative to the scans' own orientation
     #: (--dnet-fixed-pose canonical: the target and inference keep the fixed scan's pose), its
     #: last session's anatomy augmentation and gradient clipping; validated by rotation error
     "dnet": ["--shape", "48", "48", "48", "--lr", "0.0003", "--real-fraction", "0.9",
-             "--dnet-fixed-pose", "canonical", "--dnet-anatomy-augment", "1.5", "--clip-grad", "1.0"],
+             "--dnet-fixed-pose", "canonical", "--dnet-anatomy-augment", "1.5", "--clip-grad", "1.0", *BF16],
     #: SAM (from 2026-12-07T17:00): the shipped embeddings (600 steps on 4 OASIS scans at 48^3)
     #: trained on the cache's train scans whole (its 64x80x64 grid: the global embedding sees the
     #: whole head, as SAM-affine embeds whole images), each view turned by up to 25 degrees (two
     #: views by up to 50: SAM-affine's target range is +-45); validated by SAM-affine's rotation
     #: error on known poses up to 45 degrees
-    "sam": ["--shape", "64", "80", "64", "--lr", "0.0001", "--real-fraction", "0.9", "--sam-max-angle", "25"],
+    "sam": ["--shape", "64", "80", "64", "--lr", "0.0001", "--real-fraction", "0.9", "--sam-max-angle", "25", *BF16],
 }
 #: the ``deepreg register --method`` name validating each training recipe's model
 INFER_NAME = {"carnet": "carnet", "voxelmorph": "voxelmorph", "dnet": "dnet", "sam": "same-affine"}
@@ -73,7 +77,7 @@ INFER_NAME = {"carnet": "carnet", "voxelmorph": "voxelmorph", "dnet": "dnet", "s
 POSE_METHODS = ("dnet", "sam")
 #: steps per turn as a multiple of --chunk: a D-Net step (48^3, one forward of two encoders)
 #: costs about an eighth of a deformable network's (0.18 s against 1.5 s at 1 thread), so its
-#: turns take about as long
+#: turns take about as long; SAM's about 0.6 of theirs
 CHUNK_SCALE = {"dnet": 8}
 
 
