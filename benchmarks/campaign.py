@@ -59,8 +59,10 @@ RECIPES = {
     #: on the cache's 208 train scans (whole, laid out in its cube's direction, a field of view
     #: jittered by up to 35 %), its own 48^3 cube, poses relative to the scans' own orientation
     #: (--dnet-fixed-pose canonical: the target and inference keep the fixed scan's pose), its
-    #: last session's anatomy augmentation and gradient clipping; validated by rotation error
-    "dnet": ["--shape", "48", "48", "48", "--lr", "0.0003", "--real-fraction", "0.9",
+    #: last session's anatomy augmentation and gradient clipping; validated by rotation error.
+    #: lr 3e-4 until step 51175 (2026-12-07T18:35), then 1e-4: the val median fell 124.5 -> 10.4
+    #: deg by step 45175 and then moved within 10.4-15.4 deg for 6000 steps with no trend
+    "dnet": ["--shape", "48", "48", "48", "--lr", "0.0001", "--real-fraction", "0.9",
              "--dnet-fixed-pose", "canonical", "--dnet-anatomy-augment", "1.5", "--clip-grad", "1.0", *BF16],
     #: SAM (from 2026-12-07T17:00): the shipped embeddings (600 steps on 4 OASIS scans at 48^3)
     #: trained on the cache's train scans whole (its 64x80x64 grid: the global embedding sees the
