@@ -14,6 +14,8 @@ scan's own pose and the moving view is it under the drawn pose.
 Sets:
 
 * ``ixi_muse_test``: the 19 skull-stripped test brains (native scanner geometry), unseen;
+* ``ixi_muse_val``: the 10 val brains, read natively (the campaign validates on the same brains
+  as the cache holds them, aligned to its reference: this set shows what that alignment hides);
 * ``openneuro_test``: the 10 test brains of ``openneuro_ds002748`` (another site, 1.5 mm);
 * ``ixi_muse_wholehead_test``: the test subjects that also have a whole-head scan;
 * ``brain_aseg``: the labelled brain (no header: the array is read in the OASIS scans' layout);
@@ -32,14 +34,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from deepreglib.core.geometry import Grid
-from deepreglib.methods.dnet.method import cube_direction, load_dnet, network_view, whole_scan_grid
+from deepreglib.methods.dnet.method import cube_direction, load_dnet
 from deepreglib.methods.dnet.training import pose_errors
 from deepreglib.methods.weights import models_dir
+from deepreglib.run.validate import native_views
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 RESULTS = Path(__file__).resolve().parent / "results"
-SETS = ("ixi_muse_test", "openneuro_test", "ixi_muse_wholehead_test", "brain_aseg", "oasis_unlabeled")
+SETS = ("ixi_muse_test", "ixi_muse_val", "openneuro_test", "ixi_muse_wholehead_test", "brain_aseg", "oasis_unlabeled")
 
 
 def _split(folder: str, split: str):
@@ -47,8 +49,8 @@ def _split(folder: str, split: str):
 
 
 def _files(name: str):
-    if name == "ixi_muse_test":
-        return [SHARED / "ixi_muse" / f"{s}_t1.nii.gz" for s in _split("ixi_muse", "test")]
+    if name in ("ixi_muse_test", "ixi_muse_val"):
+        return [SHARED / "ixi_muse" / f"{s}_t1.nii.gz" for s in _split("ixi_muse", name.split("_")[-1])]
     if name == "ixi_muse_wholehead_test":
         return [p for p in (SHARED / "ixi_muse" / f"{s}_t1_wholehead.nii.gz" for s in _split("ixi_muse", "test"))
                 if p.is_file()]
@@ -75,16 +77,9 @@ def _brain_aseg_view(size: int) -> torch.Tensor:
 
 def views(name: str, size: int, direction):
     """The set's scans on the network cube, as inference shows a fixed image."""
-    import SimpleITK as sitk
     if name == "brain_aseg":
         return [_brain_aseg_view(size)]
-    out = []
-    for path in _files(name):
-        img = sitk.ReadImage(str(path), sitk.sitkFloat32)
-        grid = Grid.from_sitk(img)
-        out.append(network_view(torch.from_numpy(sitk.GetArrayFromImage(img)), grid,
-                                whole_scan_grid(grid, size, direction)))
-    return out
+    return native_views(_files(name), size, direction)
 
 
 def main(argv=None) -> int:

@@ -603,3 +603,60 @@ def test_pose_recovery_scores_an_aligner_against_the_poses_it_drew(tmp_path):
     assert 1.0 < still["rotation_median_deg"] <= 20.0 and still["within_3_percent"] <= 50.0
     sam = validate_sam_affine(None, cache, poses=2)  # the shipped sam.pt
     assert sam["poses"] == 2 and 0.0 <= sam["rotation_median_deg"] <= 180.0
+
+
+def test_the_fixed_view_tilts_by_at_most_the_chosen_angle_and_the_target_stays_exact():
+    """``fixed_tilt`` turns the canonical fixed view a little; the pair's target still maps the
+    fixed view onto the moving one (``moving(R x + t) = fixed(x)``), so the label is unchanged in
+    meaning; 0 keeps the scan's own pose exactly."""
+    vol = _compact_volume()
+    still = rigid_training_pair(vol, torch.Generator().manual_seed(3), random_fixed_pose=False, augment=False)
+    assert float((still["fixed"] - vol).abs().max()) < 1e-5
+    tilted = rigid_training_pair(vol, torch.Generator().manual_seed(3), random_fixed_pose=False, augment=False,
+                                 fixed_tilt=math.radians(15))
+    assert float((tilted["fixed"] - vol).abs().max()) > 0.05
+    # the fixed view is the volume turned by at most 15 degrees: its best match among turns of
+    # the volume about the centre by the drawn axis is within that angle (checked by its moments)
+    def axes(v):
+        idx = torch.nonzero(v[0, 0] > 0.5).double()
+        c = idx - idx.mean(0)
+        return torch.linalg.eigh(c.T @ c / len(c)).eigenvectors
+    a, b = axes(vol), axes(tilted["fixed"])
+    cos = torch.abs((a * b).sum(0))  # each principal axis turned by at most the tilt
+    assert float(torch.rad2deg(torch.arccos(cos.clamp(max=1.0))).max()) < 15.0 + 3.0
+    # the target maps fixed to moving
+    from deepreglib.train.draws import sample_through
+    shape = np.asarray(vol.shape[2:], dtype=np.float64)
+    h = (shape.max() - 1) / 2.0
+    from deepreglib.train.synth import rigid_matrix
+    t = rigid_matrix(tilted["rotation"][0].double().numpy(), tilted["translation"][0].double().numpy() * h,
+                     (shape - 1) / 2.0)
+    back = sample_through(tilted["moving"], t)  # moving(T x) = fixed(x)
+    inside = tilted["fixed"] > 0.5
+    assert float((back - tilted["fixed"]).abs()[inside].mean()) < 0.1
+
+
+def test_pose_validation_reads_the_val_brains_natively_when_given_the_data(tmp_path):
+    """With the data folder, the val brains are read with their headers and shown as inference
+    shows a fixed image; a network pinned to the identity still scores each pose's own angle."""
+    import SimpleITK as sitk
+    from deepreglib.methods.dnet.method import CUBE_DIRECTION
+    from deepreglib.run.validate import validate_pose
+    folder = tmp_path / "data" / "ixi_muse"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for name in ("a", "b"):
+        arr = np.zeros((20, 24, 18), np.float32)
+        arr[4:16, 5:19, 4:14] = 100.0 + 20 * rng.random((12, 14, 10))
+        img = sitk.GetImageFromArray(arr)
+        img.SetSpacing((2.0, 2.0, 2.0))
+        img.SetDirection((0.0, 0.0, 1.0, 1.0, 0.0, 0.0, 0.0, 1.0, 0.0))  # any header: read physically
+        sitk.WriteImage(img, str(folder / f"{name}_t1.nii.gz"))
+    (folder / "splits.json").write_text(json.dumps({"train": [], "val": ["a", "b"], "test": []}))
+    path = save_model(_pinned_dnet(np.eye(3), np.zeros(3)), tmp_path / "dnet",
+                      card={"grid_direction": list(CUBE_DIRECTION)})
+    score = validate_pose(str(path), None, poses=6, data=tmp_path / "data")
+    assert score["views"] == "native" and score["subjects"] == 2 and score["poses"] == 6
+    from deepreglib.methods.dnet.training import pose_errors
+    r = pose_errors(_pinned_dnet(np.eye(3), np.zeros(3)), [torch.zeros(1, 1, 8, 8, 8)], (16,) * 3, 6)
+    assert score["rotation_median_deg"] == pytest.approx(float(np.median(r["true_deg"])), abs=1e-3)

@@ -26,7 +26,9 @@ Schedule options (beyond the paper, for short CPU budgets; the defaults are the 
 * ``--dnet-fixed-pose canonical``: the fixed view keeps the volume's own orientation (``P = I``),
   so the network learns poses relative to the scans' usual orientation rather than between two
   arbitrary poses (``random``, the default); batches are then not mirrored (a flipped scan has no
-  usual orientation);
+  usual orientation); ``--dnet-fixed-tilt DEG`` turns that fixed view by up to ``DEG`` degrees,
+  as heads lie in scanners (the training cache aligns every brain to one reference, so without
+  it the network only sees fixed views of exactly that pose);
 * the generic ``--clip-grad`` of :mod:`deepreglib.train.loop` bounds the spikes of the normalised
   translation term, whose denominator ``|t|^2 + 0.01`` makes small translations steep.
 """
@@ -60,7 +62,7 @@ def _augment_intensity(image: torch.Tensor, g: torch.Generator) -> torch.Tensor:
 
 def rigid_training_pair(volume: torch.Tensor, g: torch.Generator, max_angle: float = math.pi,
                         max_translation_fraction: float = MAX_TRANSLATION_FRACTION,
-                        random_fixed_pose: bool = True, augment: bool = True
+                        random_fixed_pose: bool = True, augment: bool = True, fixed_tilt: float = 0.0
                         ) -> Dict[str, torch.Tensor]:
     """One supervised D-Net example from ``volume`` ``(1, 1, D, H, W)``.
 
@@ -76,6 +78,9 @@ def rigid_training_pair(volume: torch.Tensor, g: torch.Generator, max_angle: flo
     pose = np.eye(4)
     if random_fixed_pose:
         r_f, _ = random_rigid(g, math.pi, 0.0)
+        pose = rigid_matrix(r_f, np.zeros(3), centre)
+    elif fixed_tilt > 0:  # near the scan's own pose: a head is never quite straight in the scanner
+        r_f, _ = random_rigid(g, fixed_tilt, 0.0)
         pose = rigid_matrix(r_f, np.zeros(3), centre)
     r, unit_t = random_rigid(g, max_angle, 1.0)
     t_vox = unit_t * shape * max_translation_fraction  # up to 1/4 of the extent per axis
@@ -102,7 +107,8 @@ def dnet_loss_terms(sixd_pred: torch.Tensor, t_pred: torch.Tensor, sixd_true: to
     return lt, lr
 
 
-DEFAULTS = {"angle_warmup": 0, "start_angle": 180.0, "fixed_pose": "random", "anatomy_augment": 0.0}
+DEFAULTS = {"angle_warmup": 0, "start_angle": 180.0, "fixed_pose": "random", "anatomy_augment": 0.0,
+            "fixed_tilt": 0.0}
 
 
 def add_dnet_arguments(p: argparse.ArgumentParser) -> None:
@@ -114,6 +120,10 @@ def add_dnet_arguments(p: argparse.ArgumentParser) -> None:
                    help="dnet: largest rotation angle (degrees) at step 0 of the warm-up")
     p.add_argument("--dnet-fixed-pose", choices=("random", "canonical"), default=DEFAULTS["fixed_pose"],
                    help="dnet: fixed view under a random rotation (paper) or in the volume's own orientation")
+    p.add_argument("--dnet-fixed-tilt", type=float, default=DEFAULTS["fixed_tilt"],
+                   help="dnet, with --dnet-fixed-pose canonical: the fixed view turned by up to this many "
+                        "degrees about a random axis (heads lie a little tilted in the scanner; the training "
+                        "cache aligns them all to one reference)")
     p.add_argument("--dnet-anatomy-augment", type=float, default=DEFAULTS["anatomy_augment"],
                    help="dnet: new anatomy from the few real scans: per-axis scaling up to 1 +- STD/20 and a "
                         "random smooth deformation of std up to STD voxels before the views (0: off)")
@@ -232,7 +242,8 @@ def _loss(model, batch, args):
     if "fixed_labels" not in batch:  # a real scan: vary its anatomy (synthetic volumes vary already)
         volume = vary_anatomy(volume, g, float(_arg(args, "anatomy_augment")))
     ex = rigid_training_pair(volume, g, max_angle=max_angle,
-                             random_fixed_pose=_arg(args, "fixed_pose") == "random")
+                             random_fixed_pose=_arg(args, "fixed_pose") == "random",
+                             fixed_tilt=math.radians(float(_arg(args, "fixed_tilt"))))
     device = next(model.parameters()).device
     out = model(ex["moving"].to(device), ex["fixed"].to(device))
     lt, lr = dnet_loss_terms(out.sixd, out.translation, ex["sixd"].to(device), ex["translation"].to(device))
