@@ -235,7 +235,8 @@ def test_bf16_convolutions_give_float32_s_gradient(tmp_path, method):
         total, _ = recipe.loss(model, batch, args)
         total.backward()
         losses[flag] = float(total.detach())
-        grads[flag] = {n: p.grad.detach().flatten() for n, p in model.named_parameters() if p.grad is not None}
+        grads[flag] = {n: p.grad.detach().flatten().clone() for n, p in model.named_parameters()
+                       if p.grad is not None}  # (a copy: the next model may reuse the buffers)
     assert abs(losses[True] - losses[False]) <= 0.01 * abs(losses[False])
 
     def cosine(a, b):  # in float64, no floor on the norms (torch's eps would swamp tiny gradients)
