@@ -39,6 +39,7 @@ from deepreglib.core.metrics import dice_per_label
 from deepreglib.core.warp import warp
 from deepreglib.methods.base import RunContext
 from deepreglib.methods.registry import create_method
+from deepreglib.methods.weights import models_dir
 from deepreglib.run.validate import validation_pairs
 from deepreglib.train.cache import load_cache
 
@@ -111,8 +112,7 @@ def main(argv=None) -> int:
                          "per_pair": r}
     out = {"date": datetime.date.today().isoformat(), "cache": str(args.cache), "pairs": len(pairs),
            "threads": args.threads, "grid": list(grid.shape), "summary": summary,
-           "weights": {n: getattr(net, "card", {}).get("sha256") if hasattr(net, "card") else None
-                       for n, net in nets.items()}}
+           "weights": {n: json.loads((models_dir() / f"{n}.json").read_text())["sha256"] for n in nets}}
     for name, s in summary.items():
         print(f"{name:28s} Dice {s['dice']:.4f}  steps {s['steps']:6.1f} ({s['steps_vs_optimiser']:.2f}x)  "
               f"voxel-steps {s['voxel_steps_vs_optimiser']:.2f}x  folding {s['folding_percent']:.4f} %  "

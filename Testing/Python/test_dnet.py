@@ -589,10 +589,10 @@ def test_dnet_training_views_jitter_the_field_of_view():
         whole_volume(v, (8, 8, 8), 0.9)
 
 
-def test_pose_recovery_scores_an_aligner_against_the_poses_it_drew(tmp_path):
+def test_pose_recovery_scores_an_aligner_against_the_poses_it_drew(tmp_path, monkeypatch):
     """The engine's rigid registration recovers the known poses (the score's truth is the right
     way round); the identity scores each pose's own angle; SAM-affine's validation runs the
-    shipped initializer on the same poses."""
+    initializer with the weights it is given on the same poses."""
     from deepreglib.classic.initial import initial_transform
     from deepreglib.run.validate import pose_recovery, validate_sam_affine
     cache = _tiny_cache(tmp_path / "cache", shape=(20, 24, 18))
@@ -601,8 +601,17 @@ def test_pose_recovery_scores_an_aligner_against_the_poses_it_drew(tmp_path):
     assert rigid["rotation_median_deg"] < 2.0 and rigid["centre_error_median_mm"] < 1.5
     still = pose_recovery(lambda f, g, m: np.eye(4), cache, poses=2, max_angle_deg=20.0)
     assert 1.0 < still["rotation_median_deg"] <= 20.0 and still["within_3_percent"] <= 50.0
-    sam = validate_sam_affine(None, cache, poses=2)  # the shipped sam.pt
+    sam = validate_sam_affine(None, cache, poses=2)  # the shipped sam.pt runs end to end
     assert sam["poses"] == 2 and 0.0 <= sam["rotation_median_deg"] <= 180.0
+    seen = []
+
+    def identity_sam(fixed, fixed_grid, moving, moving_grid, weights=None, **_):
+        seen.append(weights)
+        return np.eye(4)
+    import deepreglib.methods.same.method as same_method
+    monkeypatch.setattr(same_method, "same_affine_initializer", identity_sam)
+    assert validate_sam_affine("some.pt", cache, poses=2, max_angle_deg=20.0) == still
+    assert seen == ["some.pt", "some.pt"]
 
 
 def test_the_fixed_view_tilts_by_at_most_the_chosen_angle_and_the_target_stays_exact():

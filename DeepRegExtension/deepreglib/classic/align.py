@@ -140,11 +140,8 @@ def box_centres_transform(fixed_grid: Grid, moving_grid: Grid) -> np.ndarray:
     centres) to the centre of the moving image's box: ``[[I, c_moving - c_fixed], [0, 1]]`` (mm,
     LPS). What is left to do for images whose headers do not share a space and whose content
     says too little to align by (a few centimetres of ultrasound against an MR)."""
-    def centre(grid: Grid) -> np.ndarray:
-        return grid.index_to_physical((np.asarray(grid.shape, dtype=np.float64) - 1.0) / 2.0)
-
     out = np.eye(4)
-    out[:3, 3] = centre(moving_grid) - centre(fixed_grid)
+    out[:3, 3] = moving_grid.centre - fixed_grid.centre
     return out
 
 

@@ -123,6 +123,12 @@ class Grid:
         """Physical size ``(x, y, z)`` covered by the voxels (size times spacing)."""
         return np.asarray(self.shape[::-1], dtype=np.float64) * np.asarray(self.spacing)
 
+    @property
+    def centre(self) -> np.ndarray:
+        """LPS position (mm) of the grid's centre: the middle between its first and last voxel
+        centres, index ``(shape - 1) / 2``."""
+        return self.index_to_physical((np.asarray(self.shape, dtype=np.float64) - 1) / 2)
+
     def corners(self) -> np.ndarray:
         """The 8 corner voxel centres as LPS points, ``(8, 3)``."""
         d, h, w = (s - 1 for s in self.shape)
@@ -142,9 +148,8 @@ class Grid:
     def centered_like(self, shape: Sequence[int], spacing: Sequence[float]) -> "Grid":
         """A grid with this grid's direction and centre, another shape and spacing ``(x, y, z)``."""
         shape = tuple(int(s) for s in shape)
-        centre = self.index_to_physical((np.asarray(self.shape, dtype=np.float64) - 1) / 2)
         g = Grid(shape, tuple(spacing), (0.0, 0.0, 0.0), self.direction)
-        offset = centre - g.index_to_physical((np.asarray(shape, dtype=np.float64) - 1) / 2)
+        offset = self.centre - g.centre
         return Grid(shape, tuple(spacing), tuple(offset), self.direction)
 
 

@@ -90,13 +90,8 @@ def validate_pose(weights: Optional[str], cache, poses: int = 40, device="cpu", 
         subjects, grid = load_cache(cache, "val", ["ixi_muse"])
         vols = [reorient_volume(s.image, grid.direction, cube_direction(card)).contiguous() for s in subjects]
         from ..methods.dnet.training import FIELD_OF_VIEW_RANGE as field_of_view
-    # pose s shows subject s mod n (not a random one): every subject gets the same share
-    found = {"true_deg": [], "error_deg": [], "translation_error": []}
-    for s in range(poses):
-        r = pose_errors(model, [vols[s % len(vols)]], (size,) * 3, 1, seed=10_000 + s, field_of_view=field_of_view)
-        for k in found:
-            found[k].extend(r[k].tolist())
-    err = np.asarray(found["error_deg"])
+    found = pose_errors(model, vols, (size,) * 3, poses, field_of_view=field_of_view)
+    err = found["error_deg"]
     return {"poses": int(err.size), "subjects": len(vols), "views": "native" if data is not None else "cache",
             "rotation_median_deg": float(np.median(err)), "rotation_p90_deg": float(np.percentile(err, 90)),
             "within_10_percent": float(100.0 * np.mean(err <= 10.0)),
@@ -163,7 +158,7 @@ def pose_recovery(align, cache, poses: int = 20, max_angle_deg: float = 45.0,
         est = np.asarray(align(fixed[0, 0], cube, moving[0, 0]), dtype=np.float64)
         rot_err.append(float(np.degrees(np.arccos(np.clip(
             (np.trace(_rotation_of(est).T @ _rotation_of(truth)) - 1.0) / 2.0, -1.0, 1.0)))))
-        c = cube.index_to_physical(centre)
+        c = cube.centre
         centre_err.append(float(np.linalg.norm((est[:3, :3] @ c + est[:3, 3]) - (truth[:3, :3] @ c + truth[:3, 3]))))
     e = np.asarray(rot_err)
     return {"poses": int(e.size), "subjects": len(subjects), "max_angle_deg": float(max_angle_deg),

@@ -75,8 +75,8 @@ def dnet_grid(centre_lps: Sequence[float], size: int, spacing: float,
 
 
 def grid_centre(grid: Grid) -> np.ndarray:
-    """LPS position of the centre of ``grid`` (between its first and last voxel centres)."""
-    return grid.index_to_physical((np.asarray(grid.shape, dtype=np.float64) - 1) / 2.0)
+    """LPS position of the centre of ``grid`` (:attr:`Grid.centre`)."""
+    return grid.centre
 
 
 def longest_side_mm(grid: Grid) -> float:

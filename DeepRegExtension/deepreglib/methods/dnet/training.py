@@ -185,15 +185,17 @@ def pose_errors(model, vols, shape, poses: int, seed: int = 10_000,
                 field_of_view=FIELD_OF_VIEW_RANGE) -> Dict[str, np.ndarray]:
     """D-Net's rotation error on ``poses`` new rigid poses of ``vols`` (each a whole scan in the
     network's cube, a field of view drawn in ``field_of_view``, the fixed view in the scan's own
-    orientation, no intensity augmentation): pose ``s`` is drawn from ``seed + s`` (seeds past
-    training's), so two calls score the same poses. Returns per pose the true angle, the rotation
-    error (degrees, trace formula) and the translation error (normalised units)."""
+    orientation, no intensity augmentation): pose ``s`` shows scan ``s mod len(vols)`` (every scan
+    the same share) and is drawn from ``seed + s`` (seeds past training's), so two calls score the
+    same poses. Returns per pose the true angle, the rotation error (degrees, trace formula) and
+    the translation error (normalised units)."""
     true, err, terr = [], [], []
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     for s in range(poses):
-        view = whole_volume_batch(vols, shape, np.random.default_rng(seed + s), field_of_view)["fixed"]
+        view = whole_volume_batch([vols[s % len(vols)]], shape, np.random.default_rng(seed + s),
+                                  field_of_view)["fixed"]
         ex = rigid_training_pair(view, torch.Generator().manual_seed(seed + s), random_fixed_pose=False,
                                  augment=False)
         with torch.inference_mode():
