@@ -209,6 +209,27 @@ def test_channels_last_training_gives_the_weights_of_the_plain_layout(tmp_path, 
         assert torch.allclose(results[True][k], v, rtol=0, atol=1e-5), k
 
 
+def test_bf16_convolutions_run_a_narrow_input_in_float32():
+    """A stride-2 3x3x3 convolution of an input one voxel wide along the last axis gets garbage
+    weight gradients under CPU bf16 autocast in about half the calls (torch 2.13); under
+    ``convolutions_in_bf16`` it runs in float32 and gives float32's gradient every time, while a
+    wide input still runs in bf16 (its output differs from float32's by bf16 rounding)."""
+    import copy
+    from deepreglib.train.loop import convolutions_in_bf16
+    torch.manual_seed(0)
+    for trial in range(12):
+        ref = torch.nn.Conv3d(32, 32, 3, stride=2, padding=1)
+        patched = convolutions_in_bf16(copy.deepcopy(ref))
+        x = torch.randn(1, 32, 8, 8, 1)
+        ref(x).sum().backward()
+        patched(x).sum().backward()
+        assert torch.equal(patched.weight.grad, ref.weight.grad), trial
+    wide = torch.randn(1, 32, 8, 8, 8)
+    with torch.no_grad():
+        diff = (patched(wide) - ref(wide)).abs().max()
+    assert 0 < float(diff) < 0.1
+
+
 @pytest.mark.parametrize("method", ["voxelmorph", "dnet"])
 def test_bf16_convolutions_give_float32_s_gradient(tmp_path, method):
     """``--bf16-conv`` (the convolutions under bf16 autocast, the rest in float32) gives the

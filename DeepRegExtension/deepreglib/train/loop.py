@@ -297,10 +297,17 @@ def convolutions_in_bf16(model: nn.Module) -> nn.Module:
     -0.29 for voxelmorph and 0.90 for carnet, against 0.99998 and 0.994 for the convolutions
     alone, whose steps were 1.8x (voxelmorph), 2.0x (carnet), 2.2x (D-Net, 48^3) and 1.8x (SAM)
     faster (``benchmarks/training_step_layout.py``, docs/BENCHMARKS.md). Patches the modules in
-    place (their ``forward``); returns ``model``."""
+    place (their ``forward``); returns ``model``.
+
+    A convolution whose input is narrower than its kernel along any axis runs in float32: on
+    torch 2.13's CPU kernels, a stride-2 3x3x3 convolution of an input one voxel wide along the
+    last axis gets a weight gradient of uninitialised memory (1e22 or NaN) in about half the
+    calls under bf16 autocast (D-Net's deepest block at 32^3). Such convolutions cost nothing."""
     for m in model.modules():
         if isinstance(m, (nn.Conv3d, nn.ConvTranspose3d)) and not getattr(m, "_bf16_conv", False):
-            def forward(x, _orig=m.forward):
+            def forward(x, _orig=m.forward, _kernel=tuple(m.kernel_size)):
+                if any(n < k for n, k in zip(x.shape[2:], _kernel)):
+                    return _orig(x)
                 with torch.autocast("cpu", dtype=torch.bfloat16):
                     out = _orig(x)
                 return out.float()
