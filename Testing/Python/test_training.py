@@ -115,6 +115,55 @@ def test_gradient_clipping_is_logged_and_recorded_in_the_model_card(tmp_path):
     assert "grad_norm" not in header
 
 
+def test_the_weight_average_follows_its_formula():
+    """``min(decay, (1 + n) / (10 + n))`` after ``n`` updates: 0.1 first, then the decay."""
+    from deepreglib.train.loop import WeightAverage
+    net = torch.nn.Linear(1, 1, bias=False)
+    with torch.no_grad():
+        net.weight.fill_(1.0)
+    ema = WeightAverage.start(net, 0.5)
+    expected = 1.0
+    for n, w in enumerate([3.0, 5.0, 7.0, 9.0]):
+        with torch.no_grad():
+            net.weight.fill_(w)
+        ema.update(net)
+        d = min(0.5, (1 + n) / (10 + n))
+        expected = d * expected + (1 - d) * w
+        assert float(ema.average["weight"]) == pytest.approx(expected, rel=1e-6)
+    assert expected == pytest.approx(8.2)  # 2.8, 4.6, 6.4, 8.2 by hand: the decay stays below 0.5
+    with ema.applied(net) as averaged:
+        assert float(averaged.weight) == pytest.approx(expected)
+    assert float(net.weight) == 9.0  # the model's own weights come back
+    assert WeightAverage.start(net, 0.0) is None
+
+
+def test_training_exports_the_weight_average_and_resumes_it_exactly(tmp_path, capsys):
+    torch.manual_seed(0)
+    _train(tmp_path, 6, "straight", extra=("--ema", "0.5"))
+    torch.manual_seed(0)
+    _train(tmp_path, 4, "resumed", extra=("--ema", "0.5"))
+    _train(tmp_path, 6, "resumed", extra=("--ema", "0.5", "--export", str(tmp_path / "model")))
+    a = torch.load(tmp_path / "straight" / "checkpoint.pt", weights_only=True)
+    b = torch.load(tmp_path / "resumed" / "checkpoint.pt", weights_only=True)
+    assert a["ema_updates"] == b["ema_updates"] == 6 and b["ema_decay"] == 0.5
+    exported, card = load_model(tmp_path / "model.pt")
+    moved = 0
+    for k, v in exported.state_dict().items():
+        assert torch.allclose(a["ema"][k], b["ema"][k], atol=1e-6), k
+        assert torch.allclose(v, b["ema"][k]), k  # the average is exported, not the last weights
+        moved += not torch.allclose(b["ema"][k], b["model"][k])
+    assert moved > 0
+    assert card["training"]["weight_average_decay"] == 0.5
+    # a checkpoint without an average starts one from its weights
+    _train(tmp_path, 2, "late")
+    _train(tmp_path, 3, "late", extra=("--ema", "0.9"))
+    c = torch.load(tmp_path / "late" / "checkpoint.pt", weights_only=True)
+    assert c["ema_updates"] == 1
+    args = ["train", "voxelmorph", "--out", str(tmp_path / "bad"), "--steps", "2", "--ema", "1.5"]
+    assert cli_main(args) != 0
+    assert "--ema 1.5" in capsys.readouterr().err and not (tmp_path / "bad").exists()
+
+
 def test_a_resumed_run_uses_the_learning_rate_of_its_own_session(tmp_path):
     _train(tmp_path, 2, "lr")
     _train(tmp_path, 3, "lr", extra=("--lr", "2e-4"))

@@ -12,6 +12,7 @@ defaults), named in its spec; the command line hands the loop the recipes of
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import json
 import os
@@ -107,7 +108,9 @@ def real_pair(vols: List[torch.Tensor], shape: Sequence[int], rng: np.random.Gen
     ``labels`` (the cache's label maps, parallel to ``vols``) the pair also gets
     ``fixed_labels``/``moving_labels``: ``label_sample`` of the fixed subject's labels drawn at
     random, renumbered ``1..k`` (:func:`~deepreglib.train.cache.sample_labels`), for a cheap Dice
-    term (VoxelMorph's semi-supervised variant: labels at training only)."""
+    term (VoxelMorph's semi-supervised variant: labels at training only); ``label_sample`` 0: the
+    maps as they are (recipes that need the same classes in every pair, e.g. AMDF's, which groups
+    them in its ``prepare_scans``)."""
     i, j = rng.choice(len(vols), size=2, replace=len(vols) < 2)
     a, b = vols[i], vols[j]
     starts = []
@@ -126,8 +129,11 @@ def real_pair(vols: List[torch.Tensor], shape: Sequence[int], rng: np.random.Gen
     out = {"fixed": crop(a).clamp(0, 1), "moving": (crop(b) * scale).clamp(0, 1)}
     if labels is not None and labels[i] is not None and labels[j] is not None:
         from .cache import sample_labels
-        out["fixed_labels"], out["moving_labels"] = sample_labels(crop(labels[i]), crop(labels[j]),
-                                                                  label_sample, rng)
+        if label_sample == 0:
+            out["fixed_labels"], out["moving_labels"] = crop(labels[i]), crop(labels[j])
+        else:
+            out["fixed_labels"], out["moving_labels"] = sample_labels(crop(labels[i]), crop(labels[j]),
+                                                                      label_sample, rng)
     return out
 
 
@@ -200,6 +206,7 @@ def train(args: argparse.Namespace, recipes: Dict[str, TrainingRecipe],
     recipe = recipes[args.method]
     if recipe.card_entries is not None:
         recipe.card_entries(vars(args))  # what the card will record is checked before any step
+    WeightAverage.check(getattr(args, "ema", 0.0))
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     dist = _Distributed.from_environment(args.device)
@@ -216,6 +223,7 @@ def train(args: argparse.Namespace, recipes: Dict[str, TrainingRecipe],
         convolutions_in_bf16(model)
     opt = torch.optim.Adam(model.parameters(), lr=args.lr or recipe.lr, **recipe.optimizer_options)
     step = 0
+    ckpt = None
     if ckpt_path.is_file():
         ckpt = torch.load(ckpt_path, map_location=device, weights_only=True)
         model.load_state_dict(ckpt["model"])
@@ -231,6 +239,7 @@ def train(args: argparse.Namespace, recipes: Dict[str, TrainingRecipe],
             step = int(read_weights(Path(args.init_from))[1].get("iterations", 0))
         log(f"started {args.method} from the weights of {args.init_from} at step {step}")
     dist.broadcast_model(model)  # every process starts from rank 0's weights
+    ema = WeightAverage.start(model, getattr(args, "ema", 0.0), ckpt)
     if step < args.steps and dist.main:
         _record_session(out / "config.json", args, step)
     vols, labels = (load_training_scans(args, recipe.cache_sets) if step < args.steps else ([], None))
@@ -267,6 +276,8 @@ def train(args: argparse.Namespace, recipes: Dict[str, TrainingRecipe],
                 grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip_grad))
                 terms = {**terms, "grad_norm": grad_norm}
             opt.step()
+            if ema is not None:
+                ema.update(model)
             step += 1
             row = {"step": step, "loss": float(total.detach()), **terms, "seconds": time.time() - t0,
                    "real": int(is_real)}
@@ -276,13 +287,14 @@ def train(args: argparse.Namespace, recipes: Dict[str, TrainingRecipe],
                 log(f"step {step}/{args.steps} loss {float(total.detach()):.4f} " +
                     " ".join(f"{k} {v:.4f}" for k, v in terms.items()))
             if (step % args.checkpoint_every == 0 or step == args.steps) and dist.main:
-                _save_checkpoint(ckpt_path, model, opt, step)
+                _save_checkpoint(ckpt_path, model, opt, step, ema)
     dist.record_agreement(model, out / "distributed.json")
     if dist.main:
         log(f"trained to step {step} in {time.time() - t_start:.0f} s this session"
             + (f" on {dist.world_size} processes" if dist.world_size > 1 else ""))
         if args.export:
-            export(model, args, csv_path, step, recipe)
+            with (ema.applied(model) if ema is not None else contextlib.nullcontext(model)) as exported:
+                export(exported, args, csv_path, step, recipe)
     dist.close()
     return ckpt_path
 
@@ -476,10 +488,72 @@ def _truncate_log(csv_path: Path, step: int) -> None:
             f.writelines(keep)
 
 
-def _save_checkpoint(path: Path, model: nn.Module, opt: torch.optim.Optimizer, step: int) -> None:
+def _save_checkpoint(path: Path, model: nn.Module, opt: torch.optim.Optimizer, step: int,
+                     ema: Optional["WeightAverage"] = None) -> None:
     tmp = path.with_suffix(".tmp")
-    torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step}, tmp)
+    state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step}
+    if ema is not None:
+        state.update(ema.state())
+    torch.save(state, tmp)
     os.replace(tmp, path)
+
+
+class WeightAverage:
+    """An exponential moving average of a model's weights (``--ema DECAY``), the weights exported
+    and validated; training itself goes on with the raw weights. The first updates average with a
+    smaller decay, ``min(DECAY, (1 + n) / (10 + n))`` after ``n`` updates, so an average started
+    late (from a checkpoint without one) is not dominated by its first weights. Kept in the
+    checkpoint (``ema``, ``ema_updates``, ``ema_decay``) so a resumed run goes on averaging; a
+    checkpoint whose average used another decay restarts it from the current weights."""
+
+    def __init__(self, decay: float, average: Dict[str, torch.Tensor], updates: int = 0):
+        self.decay, self.average, self.updates = float(decay), average, int(updates)
+
+    @classmethod
+    def start(cls, model: nn.Module, decay: float, checkpoint: Optional[dict] = None
+              ) -> Optional["WeightAverage"]:
+        if not cls.check(decay):
+            return None
+        current = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        if checkpoint and "ema" in checkpoint and checkpoint.get("ema_decay") == float(decay) \
+                and set(checkpoint["ema"]) == set(current):
+            return cls(decay, {k: v.to(current[k].device) for k, v in checkpoint["ema"].items()},
+                       int(checkpoint.get("ema_updates", 0)))
+        return cls(decay, current)
+
+    @staticmethod
+    def check(decay: float) -> bool:
+        """Whether an average is asked for; a decay outside [0, 1) is refused."""
+        if decay and not 0.0 < decay < 1.0:
+            raise BadInputError(f"--ema {decay}: the decay of the weight average must lie in (0, 1), "
+                                "e.g. 0.999 (an average over about the last 1000 steps), or 0 for none")
+        return bool(decay)
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        d = min(self.decay, (1.0 + self.updates) / (10.0 + self.updates))
+        for k, v in model.state_dict().items():
+            a = self.average[k]
+            if a.is_floating_point():
+                a.mul_(d).add_(v.detach(), alpha=1.0 - d)
+            else:  # counters and the like: the current value
+                a.copy_(v)
+        self.updates += 1
+
+    def state(self) -> Dict[str, object]:
+        return {"ema": self.average, "ema_updates": self.updates, "ema_decay": self.decay}
+
+    @contextlib.contextmanager
+    def applied(self, model: nn.Module):
+        """``model`` holding the averaged weights inside the block, its own ones after it (the
+        weights are swapped rather than the model copied: a copy would share the patched
+        ``forward`` of ``--bf16-conv``, bound to the original)."""
+        own = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        model.load_state_dict(self.average)
+        try:
+            yield model
+        finally:
+            model.load_state_dict(own)
 
 
 def loss_summary(csv_path: Path, window: int = 100, last_step: Optional[int] = None) -> Dict[str, object]:
@@ -524,6 +598,7 @@ def export(model: nn.Module, args: argparse.Namespace, csv_path: Path, step: int
                          "lr": cfg.get("lr") or recipe.lr, "seed": cfg.get("seed"),
                          "synthetic_max_std": cfg.get("max_std"), "synthetic_bank": cfg.get("synth_bank"),
                          "reg_weight": cfg.get("reg_weight"), "label_weight": cfg.get("label_weight", 0.0),
+                         "weight_average_decay": cfg.get("ema") or None,
                          "real_dir": str(cfg.get("real_dir")) if cfg.get("real_dir") else None,
                          "cache": str(cfg.get("cache")) if cfg.get("cache") else None,
                          "label_sample": cfg.get("label_sample") if cfg.get("cache") else None,
@@ -534,7 +609,7 @@ def export(model: nn.Module, args: argparse.Namespace, csv_path: Path, step: int
             "sessions": [{"from_step": x["from_step"],
                           "changed": {k: v for k, v in x["args"].items()
                                       if k in ("lr", "label_weight", "reg_weight", "real_fraction", "shape", "cache", "real_dir",
-                                               "max_std", "threads", "device", "clip_grad", "init_from")
+                                               "max_std", "threads", "device", "clip_grad", "init_from", "ema")
                                       or k.startswith(args.method + "_")}} for x in sessions]}
     if run_cfg.get("initialised_from"):
         card["initialised_from"] = run_cfg["initialised_from"]  # the earlier steps' log and weights
@@ -558,13 +633,17 @@ def add_arguments(p: argparse.ArgumentParser, recipes: Dict[str, TrainingRecipe]
                    help="training cache (deepreg train-cache): its train split's aligned real scans, "
                         "with their label maps when they have them")
     p.add_argument("--label-sample", type=int, default=16,
-                   help="labels drawn at random per real pair for the Dice term (of the ~145 MUSE ones)")
+                   help="labels drawn at random per real pair for the Dice term (of the ~145 MUSE ones); "
+                        "0: every label as it is (amdf, amdf_ae: the MUSE labels in 16 groups)")
     p.add_argument("--real-fraction", type=float, default=0.5)
     p.add_argument("--real-spacing", type=float, default=2.0, help="mm; real scans are resampled to it")
     p.add_argument("--reg-weight", type=float, default=1.0, help="smoothness weight")
     p.add_argument("--label-weight", type=float, default=0.0,
                    help="weight of 1 - Dice of the pairs' label maps: synthetic pairs (SynthMorph-style) "
                         "and, with --cache, the real scans' sampled labels (0: off)")
+    p.add_argument("--ema", type=float, default=0.0, metavar="DECAY",
+                   help="export an exponential moving average of the weights with this decay per step "
+                        "(e.g. 0.999: about the last 1000 steps); 0: the last weights")
     p.add_argument("--clip-grad", type=float, default=0.0,
                    help="clip the gradient's global L2 norm to this value before each step (0: off); "
                         "logged as grad_norm")

@@ -5,7 +5,11 @@ that order::
     deepreg train amdf_ae  --out runs/ae  --export models/amdf_ae
     deepreg train amdf --out runs/amdf --seg-model models/amdf_seg.pt --ae-model models/amdf_ae.pt
 
-The first two need the synthetic pairs' label maps (no ``--real-dir``). The label maps are weak
+The first two need label maps: the synthetic pairs' (no ``--real-dir``) or, with ``--cache
+CACHE --label-sample 0``, the cache's MUSE label maps in 16 anatomical classes
+(:mod:`deepreglib.train.label_groups`), the same classes in every scan, as the auto-encoder's
+anatomical prior needs; ``amdf_ae`` and ``amdf`` then train on real pairs alone
+(``--real-fraction 1``), whose classes the synthetic maps do not share. The label maps are weak
 supervision at training time only; inference needs the images alone. The registration loss is
 ``-(l_ncc NCC + l_ssim SSIM) + l_ce CE(warped moving labels, fixed labels)
 + l_ae ||enc(warped labels) - enc(fixed labels)||^2 + l_df TV(field)`` with the paper's weights
@@ -23,6 +27,7 @@ from ...core.errors import BadInputError
 from ...core.losses import LocalNCC, SSIMLoss, TotalVariation, one_hot
 from ..weights import load_model
 from ...core.segmentation_losses import LaplacianContourLoss, SoftCrossEntropy
+from ...train.label_groups import MUSE_CLASSES, MUSE_GROUPS, group_muse_labels
 from ...train.recipe import TrainingRecipe
 from ...core.warp import warp
 
@@ -41,6 +46,31 @@ def _labels(batch, recipe: str) -> torch.Tensor:
         raise BadInputError(f"{recipe} trains on the synthetic pairs' label maps; real scans have "
                             "none: run it without --real-dir")
     return torch.cat([batch["fixed_labels"], batch["moving_labels"]]).long()
+
+
+# -- the cache's label maps -------------------------------------------------------------------------
+def _cache_labels(recipe: str, real_only: bool):
+    """The ``card_entries`` and ``prepare_scans`` hooks of a recipe on ``--cache``: the MUSE labels
+    in :data:`~deepreglib.train.label_groups.MUSE_GROUPS`' classes, checked before any step."""
+    def card_entries(cfg):
+        if not cfg.get("cache"):
+            return {}
+        if cfg.get("label_sample", 16) != 0:
+            raise BadInputError(f"{recipe} on --cache needs every label map in the same "
+                                f"{MUSE_CLASSES - 1} classes (the MUSE labels grouped), not "
+                                f"{cfg.get('label_sample')} labels drawn at random per pair: "
+                                "give --label-sample 0")
+        if real_only and float(cfg.get("real_fraction", 0.5)) < 1.0:
+            raise BadInputError(f"{recipe} on --cache trains on its real pairs alone: the synthetic "
+                                "pairs' label maps have other classes than the grouped MUSE labels; "
+                                "give --real-fraction 1")
+        return {"label_classes": {str(c): name for c, (name, _) in MUSE_GROUPS.items()}}
+
+    def prepare_scans(vols, labels, direction, args):
+        if not getattr(args, "cache", None) or labels is None:
+            return vols, labels
+        return vols, group_muse_labels(labels)
+    return {"card_entries": card_entries, "prepare_scans": prepare_scans}
 
 
 # -- segmentation network ------------------------------------------------------------------------
@@ -62,7 +92,7 @@ def segmenter_loss(model, batch, args):
 # -- label auto-encoder ----------------------------------------------------------------------------
 def build_autoencoder(args):
     from .network import LabelAutoEncoder
-    return LabelAutoEncoder()
+    return LabelAutoEncoder(num_classes=MUSE_CLASSES) if getattr(args, "cache", None) else LabelAutoEncoder()
 
 
 def _check_label_range(labels: torch.Tensor, n: int) -> None:
@@ -154,16 +184,22 @@ def amdf_loss(model, batch, args):
     return total, terms
 
 
+#: on --cache, the labelled scans only (the ROI and the classes come from the label maps)
+LABELLED_SETS = ("ixi_muse",)
+
 AMDF_SEG = TrainingRecipe(
     build=build_segmenter, loss=segmenter_loss, lr=1e-4, terms=("ce", "contour"),
+    cache_sets=LABELLED_SETS, **_cache_labels("amdf_seg", real_only=False),
     description=f"AMDF ROI segmentation U-Net: cross-entropy + {SEG_CONTOUR_WEIGHT:g} * Laplacian "
                 "contour loss, ROI = label > 0 of synthetic label maps")
 AMDF_AE = TrainingRecipe(
     build=build_autoencoder, loss=autoencoder_loss, lr=1e-4, terms=("ce", "contour"),
+    cache_sets=LABELLED_SETS, **_cache_labels("amdf_ae", real_only=True),
     description=f"AMDF denoising label auto-encoder: cross-entropy + {AE_CONTOUR_WEIGHT:g} * Laplacian "
                 f"contour loss, {AE_NOISE:g} of input voxels relabelled at random")
 AMDF_RECIPE = TrainingRecipe(
     build=build_amdf, loss=amdf_loss, lr=1e-4, terms=("ncc_loss", "ssim_loss", "tv", "ce", "ae"),
+    **_cache_labels("amdf", real_only=True),
     description="AMDF multi-scale registration: (1 - local NCC) + (1 - SSIM) + 3.5 * reg_weight * TV(field) "
                 "+ CE(warped labels, fixed labels) + 0.1 * ||enc(warped labels) - enc(fixed labels)||^2 "
                 "(label terms on synthetic pairs; needs --seg-model and --ae-model)")
