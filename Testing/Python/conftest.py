@@ -20,3 +20,16 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"shared data folder {SHARED_DATA} is absent")
     return SHARED_DATA
+
+
+@pytest.fixture(scope="module")
+def small_cache(tmp_path_factory) -> Path:
+    """A training cache of the first 2 ixi_muse subjects of each split at 3 mm (48x64x48), built
+    once per test module; skips without the shared data."""
+    from deepreglib.train.cache import build_cache
+    if not (SHARED_DATA / "ixi_muse").is_dir():
+        pytest.skip(f"{SHARED_DATA / 'ixi_muse'} is absent")
+    out = tmp_path_factory.mktemp("cache")
+    build_cache(SHARED_DATA, out, shape=(48, 64, 48), spacing=3.0, datasets=["ixi_muse"], limit=2,
+                log=lambda m: None)
+    return out

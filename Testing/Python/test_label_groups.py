@@ -1,7 +1,6 @@
 """The MUSE labels grouped into anatomical classes, and AMDF's label networks on the training
 cache (issue 17)."""
 import csv
-import json
 
 import numpy as np
 import pytest
@@ -49,18 +48,6 @@ def test_label_sample_0_gives_the_label_maps_as_they_are():
     batch = real_pair(vols, (8, 8, 8), np.random.default_rng(0), labels, 0)
     pair = {tuple(batch["fixed_labels"].flatten()[:20].tolist()), tuple(batch["moving_labels"].flatten()[:20].tolist())}
     assert pair == {tuple(l.flatten()[:20].tolist()) for l in labels}
-
-
-@pytest.fixture(scope="module")
-def small_cache(tmp_path_factory):
-    from conftest import SHARED_DATA
-    from deepreglib.train.cache import build_cache
-    if not (SHARED_DATA / "ixi_muse").is_dir():
-        pytest.skip(f"{SHARED_DATA / 'ixi_muse'} is absent")
-    out = tmp_path_factory.mktemp("cache")
-    build_cache(SHARED_DATA, out, shape=(48, 64, 48), spacing=3.0, datasets=["ixi_muse"], limit=2,
-                log=lambda m: None)
-    return out
 
 
 def test_the_label_auto_encoder_trains_on_the_cache_s_grouped_labels(small_cache, tmp_path, capsys):

@@ -13,17 +13,6 @@ from deepreglib.train.cache import build_cache, load_cache, sample_labels
 from deepreglib.train.loop import draw_batch, real_pair
 
 
-@pytest.fixture(scope="module")
-def small_cache(tmp_path_factory):
-    from conftest import SHARED_DATA
-    if not (SHARED_DATA / "ixi_muse").is_dir():
-        pytest.skip(f"{SHARED_DATA / 'ixi_muse'} is absent")
-    out = tmp_path_factory.mktemp("cache")
-    build_cache(SHARED_DATA, out, shape=(48, 64, 48), spacing=3.0, datasets=["ixi_muse"], limit=2,
-                log=lambda m: None)
-    return out
-
-
 def test_the_reference_aligned_to_itself_is_the_identity(small_cache):
     manifest = json.loads((small_cache / "cache.json").read_text())
     ref = manifest["reference"]["subject"]

@@ -523,7 +523,7 @@ class WeightAverage:
 
     @staticmethod
     def check(decay: float) -> bool:
-        """Whether an average is asked for; a decay outside [0, 1) is refused."""
+        """Whether an average is asked for (``decay`` not 0); a decay outside (0, 1) is refused."""
         if decay and not 0.0 < decay < 1.0:
             raise BadInputError(f"--ema {decay}: the decay of the weight average must lie in (0, 1), "
                                 "e.g. 0.999 (an average over about the last 1000 steps), or 0 for none")
