@@ -79,9 +79,17 @@ RECIPES = {
     #: --ema 0.999 from 2026-12-07T19:30 (the val median had moved within 22.3-23.4 deg for 750 steps)
     "sam": ["--shape", "64", "80", "64", "--lr", "0.0001", "--real-fraction", "0.9", "--sam-max-angle", "25",
             "--ema", "0.999", *BF16],
+    #: SAME's deformable half, SAM-VoxelMorph (from 2026-12-07T23:00): the shipped weights (600
+    #: steps on synthetic pairs and 4 OASIS scans at 48^3) with the campaign's SAM swapped in as its
+    #: frozen embeddings (``same_vxm``'s after-init hook), trained as voxelmorph was when its
+    #: campaign began (lr 3e-4, the label term at weight 1, 80 % real pairs), so the ledger compares
+    #: the two at equal CPU hours (issue 17: "same beats voxelmorph at equal budget")
+    "same": ["--lr", "0.0003", "--label-weight", "1.0", "--real-fraction", "0.8", *BF16],
 }
+#: the ``deepreg train`` recipe of each campaign method whose recipe has another name
+TRAIN_NAME = {"same": "same_vxm"}
 #: the ``deepreg register --method`` name validating each training recipe's model
-INFER_NAME = {"carnet": "carnet", "voxelmorph": "voxelmorph", "dnet": "dnet", "sam": "same-affine"}
+INFER_NAME = {"carnet": "carnet", "voxelmorph": "voxelmorph", "dnet": "dnet", "sam": "same-affine", "same": "same"}
 #: methods validated by pose (the median rotation error on known poses of the val subjects, lower
 #: is better: D-Net's over the full range, SAM-affine's up to 45 degrees); the others by the label
 #: Dice of val pairs (higher is better)
@@ -196,7 +204,7 @@ def annotate_card(card_path: Path, score: dict, shipped: float, session: str, me
 def run_chunk(method: str, args, session: str) -> dict:
     run = Path(args.runs) / method
     start = checkpoint_step(run)
-    cmd = [sys.executable, "-m", "deepreglib", "train", method, "--out", str(run), "--cache", args.cache,
+    cmd = [sys.executable, "-m", "deepreglib", "train", TRAIN_NAME.get(method, method), "--out", str(run), "--cache", args.cache,
            "--shape", *map(str, args.shape), "--threads", str(args.threads), "--checkpoint-every", "25",
            "--log-every", "50", *RECIPES[method]]  # a recipe's own --shape comes last and wins
     if start < 0:

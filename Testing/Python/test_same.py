@@ -400,3 +400,37 @@ def test_sam_training_views_turn_by_at_most_the_chosen_angle():
             u, _, vt = np.linalg.svd(m[:3, :3])  # the rotation of the polar decomposition
             turn = math.degrees(math.acos(np.clip((np.trace(u @ vt) - 1) / 2, -1, 1)))
             assert turn <= angle_deg + 1e-6
+
+
+def test_same_vxm_from_a_model_file_trains_on_the_current_sam_with_the_label_term(tmp_path):
+    """``deepreg train same_vxm --init-from OLD.pt``: the frozen SAM inside the model file is
+    replaced by ``--same-vxm-sam-model`` (the campaign's newer embeddings), the U-Net's weights
+    start from the file, the SAM stays frozen while training, and ``--label-weight`` adds the
+    label Dice term on pairs with label maps (the synthetic ones here)."""
+    import csv
+    from deepreglib.cli import main as cli_main
+    from deepreglib.methods.weights import load_model
+    torch.manual_seed(0)
+    old = save_model(SAMVoxelMorph(sam=TINY_SAM), tmp_path / "same_old")
+    torch.manual_seed(1)
+    new_sam = SAMNet(**TINY_SAM)
+    sam_path = save_model(new_sam, tmp_path / "sam_new")
+    old_model, _ = load_model(old)
+    assert any(not torch.equal(old_model.sam.state_dict()[k], v) for k, v in new_sam.state_dict().items())
+    args = ["train", "same_vxm", "--out", str(tmp_path / "run"), "--shape", "32", "32", "32", "--threads", "1",
+            "--synth-bank", "2", "--log-every", "100", "--init-from", str(old), "--same-vxm-sam-model", str(sam_path),
+            "--label-weight", "1.0", "--steps", str(int(json_iterations(old)) + 2), "--export", str(tmp_path / "out")]
+    assert cli_main(args) == 0
+    trained, card = load_model(tmp_path / "out.pt")
+    for k, v in new_sam.state_dict().items():  # the new SAM, unchanged by training
+        assert torch.equal(trained.sam.state_dict()[k], v), k
+    unet_old = {k: v for k, v in old_model.state_dict().items() if not k.startswith("sam.")}
+    assert any(not torch.equal(trained.state_dict()[k], v) for k, v in unet_old.items())  # the U-Net trained
+    with open(tmp_path / "run" / "loss.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 2 and all(float(r["dice_loss"]) > 0 for r in rows)
+
+
+def json_iterations(model_file):
+    import json
+    return json.loads(model_file.with_suffix(".json").read_text()).get("iterations", 0)

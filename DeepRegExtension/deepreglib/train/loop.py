@@ -235,6 +235,10 @@ def train(args: argparse.Namespace, recipes: Dict[str, TrainingRecipe],
     elif getattr(args, "init_from", None):
         if dist.main:
             step = _start_from_model(model, args, out)
+            if recipe.after_init_from is not None:
+                message = recipe.after_init_from(model, args)
+                if message:
+                    log(message)
         else:  # the other processes get rank 0's weights by broadcast; only the step is needed
             step = int(read_weights(Path(args.init_from))[1].get("iterations", 0))
         log(f"started {args.method} from the weights of {args.init_from} at step {step}")

@@ -68,6 +68,10 @@ class TrainingRecipe:
     #: layout (oneDNN's 3D convolutions are faster so; the loss is the same). Only for recipes
     #: whose code never ``.view``s a 5D tensor, which a channels-last tensor refuses.
     channels_last: bool = False
+    #: ``(model, args) -> message or None``, called after ``--init-from`` loaded a model file into
+    #: a new run (not on resume): e.g. SAM-VoxelMorph swaps in the current frozen SAM, which the
+    #: model file holds an older copy of
+    after_init_from: Optional[Callable[[nn.Module, argparse.Namespace], Optional[str]]] = None
 
 
 def label_dice_term(batch, displacement):

@@ -30,7 +30,7 @@ import torch
 from ...core.errors import BadInputError
 from .network import PixelInfoNCE, to_feature_coords
 from ...train.synth import random_rigid
-from ...train.recipe import TrainingRecipe
+from ...train.recipe import TrainingRecipe, add_label_term
 from ...train.draws import batch_generator, sample_through, uniform_draw
 
 ANCHORS = 256
@@ -167,8 +167,7 @@ def _build_same_vxm(args):
     return model
 
 
-def same_vxm_loss(model, batch, reg_weight: float = 1.0, sam_weight: float = SAM_WEIGHT):
-    """SAM-VoxelMorph's loss on a batch; returns ``(total, terms)`` (see the module text)."""
+def _same_vxm_terms(model, batch, reg_weight: float, sam_weight: float):
     from ...core.losses import GradientSmoothness, LocalNCC
     from .network_voxelmorph import SAMSimilarityLoss
     out = model(batch["moving"], batch["fixed"])
@@ -176,11 +175,36 @@ def same_vxm_loss(model, batch, reg_weight: float = 1.0, sam_weight: float = SAM
     sam = SAMSimilarityLoss()(out.fixed_embedding, out.moving_embedding, out.displacement)
     grad = GradientSmoothness("l2")(out.displacement)
     total = ncc + reg_weight * grad + sam_weight * sam
-    return total, {"ncc_loss": float(ncc.detach()), "sam_loss": float(sam.detach()), "grad": float(grad.detach())}
+    return total, {"ncc_loss": float(ncc.detach()), "sam_loss": float(sam.detach()), "grad": float(grad.detach())}, out
+
+
+def _fresh_sam(model, args):
+    """After ``--init-from``: the frozen SAM of ``--same-vxm-sam-model`` (or ``sam.pt``) replaces
+    the copy the model file holds, so a run that goes on from shipped SAM-VoxelMorph weights
+    trains on the current embeddings (e.g. the campaign's, trained on real brains since)."""
+    from ..weights import load_model
+    path = sam_weights_path(args)
+    sam, card = load_model(path)
+    sam = getattr(sam, "sam", sam)
+    if sam.config != model.sam.config:
+        raise BadInputError(f"{path} holds a SAM with config {sam.config}; this SAM-VoxelMorph's is "
+                            f"{model.sam.config}: give SAM weights of the same architecture")
+    model.sam.load_state_dict(sam.state_dict())
+    return f"same_vxm: the frozen SAM is now {path} (sha256 {card.get('sha256')}, step {card.get('iterations')})"
+
+
+def same_vxm_loss(model, batch, reg_weight: float = 1.0, sam_weight: float = SAM_WEIGHT):
+    """SAM-VoxelMorph's loss on a batch; returns ``(total, terms)`` (see the module text)."""
+    total, terms, _ = _same_vxm_terms(model, batch, reg_weight, sam_weight)
+    return total, terms
 
 
 def _same_vxm_loss(model, batch, args):
-    return same_vxm_loss(model, batch, args.reg_weight, getattr(args, "same_vxm_sam_weight", SAM_WEIGHT))
+    """:func:`same_vxm_loss`, plus ``--label-weight`` times ``1 - Dice`` of the warped labels when
+    the pair has label maps (VoxelMorph's semi-supervised term, as the campaign trains voxelmorph:
+    SAME against voxelmorph at equal budget means the same supervision)."""
+    total, terms, out = _same_vxm_terms(model, batch, args.reg_weight, getattr(args, "same_vxm_sam_weight", SAM_WEIGHT))
+    return add_label_term(total, terms, batch, out.displacement, args)
 
 
 # The per-recipe option hook is newer than TrainingRecipe itself; without it the defaults apply.
@@ -188,6 +212,8 @@ _OPTIONS = ({"add_arguments": _same_vxm_arguments}
             if "add_arguments" in getattr(TrainingRecipe, "__dataclass_fields__", {}) else {})
 
 SAME_VXM = TrainingRecipe(
-    build=_build_same_vxm, loss=_same_vxm_loss, lr=1e-4, terms=("ncc_loss", "sam_loss", "grad"), **_OPTIONS,
+    build=_build_same_vxm, loss=_same_vxm_loss, lr=1e-4, terms=("ncc_loss", "sam_loss", "grad", "dice_loss"), **_OPTIONS,
+    after_init_from=_fresh_sam,
     description="SAM-VoxelMorph: (1 - local NCC) + reg_weight (lambda=1) * Grad(u) + 0.5 (gamma) * "
-                "(1 - <e_f, warped e_m>), frozen SAM correlation (27 channels) before the third U-Net block")
+                "(1 - <e_f, warped e_m>), frozen SAM correlation (27 channels) before the third U-Net block, "
+                "+ label_weight * (1 - Dice) of the pair's label maps when label_weight > 0")
