@@ -1,6 +1,7 @@
 """The MUSE labels grouped into anatomical classes, and AMDF's label networks on the training
 cache (issue 17)."""
 import csv
+import json
 
 import numpy as np
 import pytest
@@ -71,3 +72,28 @@ def test_the_label_auto_encoder_trains_on_the_cache_s_grouped_labels(small_cache
     model, card = load_model(tmp_path / "ae.pt")
     assert model.num_classes == MUSE_CLASSES
     assert card["label_classes"]["1"] == "lateral ventricles" and len(card["label_classes"]) == MUSE_CLASSES - 1
+
+
+def _iterations(card):
+    return int(json.loads(card.read_text()).get("iterations", 0))
+
+
+def test_amdf_registration_trains_on_the_cache_with_its_label_terms_on_every_step(small_cache, tmp_path):
+    """``amdf`` on the cache (after ``amdf_ae``): every pair is a labelled real pair, so the
+    cross-entropy of the warped labels and the auto-encoder's anatomical term are in every step
+    (AMDF's recipe trains on the labelled sets only; an unlabelled pair would drop both)."""
+    from deepreglib.cli import main
+    from deepreglib.methods.amdf.training import AMDF_RECIPE, LABELLED_SETS
+    from deepreglib.io.models import models_dir
+    from deepreglib.train.cache import DATASETS
+    MODELS = models_dir()
+    assert AMDF_RECIPE.cache_sets == LABELLED_SETS and all(DATASETS[s].labels for s in LABELLED_SETS)
+    common = ["--cache", str(small_cache), "--shape", "48", "64", "48", "--threads", "1", "--label-sample", "0",
+              "--real-fraction", "1"]
+    assert main(["train", "amdf_ae", "--out", str(tmp_path / "ae_run"), "--steps", "1", *common,
+                 "--export", str(tmp_path / "ae")]) == 0
+    assert main(["train", "amdf", "--out", str(tmp_path / "run"), "--ae-model", str(tmp_path / "ae.pt"),
+                 "--init-from", str(MODELS / "amdf.pt"), "--steps", str(_iterations(MODELS / "amdf.json") + 2),
+                 *common]) == 0
+    rows = list(csv.DictReader(open(tmp_path / "run" / "loss.csv")))
+    assert len(rows) == 2 and all(r["real"] == "1" and float(r["ce"]) > 0 and float(r["ae"]) >= 0 for r in rows)

@@ -184,7 +184,8 @@ def amdf_loss(model, batch, args):
     return total, terms
 
 
-#: on --cache, the labelled scans only (the ROI and the classes come from the label maps)
+#: on --cache, the labelled scans only (the ROI and the classes come from the label maps; for amdf
+#: itself, its label terms: an unlabelled pair would train on the image terms alone)
 LABELLED_SETS = ("ixi_muse",)
 
 AMDF_SEG = TrainingRecipe(
@@ -199,7 +200,7 @@ AMDF_AE = TrainingRecipe(
                 f"contour loss, {AE_NOISE:g} of input voxels relabelled at random")
 AMDF_RECIPE = TrainingRecipe(
     build=build_amdf, loss=amdf_loss, lr=1e-4, terms=("ncc_loss", "ssim_loss", "tv", "ce", "ae"),
-    **_cache_labels("amdf", real_only=True),
+    cache_sets=LABELLED_SETS, **_cache_labels("amdf", real_only=True),
     description="AMDF multi-scale registration: (1 - local NCC) + (1 - SSIM) + 3.5 * reg_weight * TV(field) "
                 "+ CE(warped labels, fixed labels) + 0.1 * ||enc(warped labels) - enc(fixed labels)||^2 "
                 "(label terms on synthetic pairs; needs --seg-model and --ae-model)")
