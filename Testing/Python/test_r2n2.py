@@ -176,7 +176,7 @@ def test_the_adaptive_stop_waits_while_steps_still_pay():
     def half_voxel_step(fixed_, warped_, state):
         n = fixed_.shape[0]
         return (torch.zeros(n, 3), torch.eye(3).expand(n, 3, 3), torch.full((n, 3), 1e4),
-                torch.tensor([[0.0, 0.0, 0.5 / 7.5]]).expand(n, 3), torch.full((n, 3), 2.0), state)
+                torch.tensor([[0.0, 0.0, 0.5 / 7.5]]).expand(n, 3), torch.full((n, 3), 2.0), state, [])
 
     net.step = half_voxel_step
     with torch.no_grad():
@@ -308,6 +308,92 @@ def test_bump_pair_curriculum_draws_pairs_from_the_methods_own_class(tmp_path):
     assert cli_main(cmd) == 0
     card = json.loads((tmp_path / "bumps.json").read_text())
     assert card["sessions"][0]["changed"]["r2n2_bump_pairs"] == 2
+
+
+def test_augmentation_keeps_a_known_field_the_pairs_own():
+    """A known displacement through the training loop's flips and fixed/moving swap still maps
+    the pair: ``fixed = moving o (x + u)`` after every combination (to interpolation error); a
+    folding field, which has no inverse, is dropped from a swapped pair instead of given wrong."""
+    from deepreglib.core.jacobian import jacobian_determinant
+    from deepreglib.methods.r2n2.gaussians import random_local_deformations
+    from deepreglib.train.loop import augment
+    shape = (20, 22, 24)
+    u = random_local_deformations(shape, 3, torch.Generator().manual_seed(5), 1.5, width_range=(0.04, 0.08))
+    assert float(jacobian_determinant(u).min()) > 0.2 and float(u.abs().max()) > 0.8
+    moving = blob(shape, (8.0, 10.0, 13.0), 4.0) + 0.5 * blob(shape, (13.0, 12.0, 9.0), 3.0)
+    batch = {"fixed": warp(moving, u), "moving": moving, "displacement": u}
+    swaps = []
+    for seed in range(16):
+        out = augment(batch, np.random.default_rng(seed))
+        swaps.append(not torch.allclose(out["moving"].sum(), moving.sum(), rtol=1e-5))  # a flip keeps the sum
+        err = (warp(out["moving"], out["displacement"]) - out["fixed"]).abs().max()
+        assert float(err) < 0.05, (seed, float(err))  # a wrong target (e.g. -u when swapped): 0.1-0.3
+    assert any(swaps) and not all(swaps)  # both were checked
+    folding = random_local_deformations(shape, 3, torch.Generator().manual_seed(5), 6.0, width_range=(0.01, 0.02))
+    assert float(jacobian_determinant(folding).min()) < 0
+    for seed in range(16):
+        out = augment({"fixed": warp(moving, folding), "moving": moving, "displacement": folding},
+                      np.random.default_rng(seed))
+        assert ("displacement" in out) == (not swaps[seed])
+
+
+def test_the_warm_start_s_gradients_reach_the_heads_at_the_identity():
+    """The unsupervised loss gives the centre heads no gradient at the identity (a weight of 0:
+    the saddle R2N2 stayed in); the supervised warm start does, and it points the first centre
+    at the largest residual."""
+    from deepreglib.methods.r2n2.training import residual_target, warm_start_terms
+    from deepreglib.methods.r2n2.gaussians import index_to_normalized
+    torch.manual_seed(0)
+    shape = (24, 24, 24)
+    model = tiny_model(steps=2)
+    with torch.no_grad():  # the identity: every weight exactly 0
+        model.parameter_net.fc.weight[9:].zero_()
+    centre = torch.tensor([[0.3, -0.2, 0.1]])
+    u = local_deformation(centre, torch.eye(3)[None], torch.full((1, 3), 0.02), torch.tensor([[0.2, 0.0, 0.0]]),
+                          shape)
+    goal = residual_target(u)
+    voxel = 2.0 / (shape[0] - 1)
+    assert torch.allclose(goal, centre, atol=voxel)  # the largest residual is the bump's centre
+    moving = blob(shape, (12.0, 12.0, 12.0), 5.0)
+    fixed = warp(moving, u)
+    heads = list(model.position.parameters())
+
+    def grads(supervised):
+        model.zero_grad()
+        out = model(moving, fixed, return_warped=True, return_fields=True, return_position_maps=True)
+        loss = ((out.warped - fixed) ** 2).mean()
+        if supervised:
+            loss = loss + warm_start_terms(out, u, model.strides)[0]
+        loss.backward()
+        return sum(float(p.grad.abs().sum()) for p in heads if p.grad is not None)
+
+    assert grads(False) == 0.0
+    assert grads(True) > 1e-3
+    assert index_to_normalized(torch.zeros(1, 3), shape).shape == (1, 3)
+
+
+def test_a_short_warm_start_moves_the_field_towards_a_known_bump():
+    """Trained on one bump pair with the warm start, R2N2 leaves the identity: its endpoint error
+    falls below the identity's (doing nothing)."""
+    from deepreglib.methods.r2n2.training import warm_start_terms
+    torch.manual_seed(0)
+    shape = (24, 24, 24)
+    model = tiny_model(steps=1)
+    u = local_deformation(torch.tensor([[0.1, -0.1, 0.2]]), torch.eye(3)[None], torch.full((1, 3), 0.04),
+                          torch.tensor([[0.0, 0.25, 0.0]]), shape)
+    moving = blob(shape, (12.0, 11.0, 13.0), 4.0)
+    fixed = warp(moving, u)
+    identity = float((u ** 2).sum(1).mean())
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    for _ in range(60):
+        out = model(moving, fixed, return_warped=True, return_fields=True, return_position_maps=True)
+        loss = warm_start_terms(out, u, model.strides)[0]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        err = float(((model(moving, fixed).displacement - u) ** 2).sum(1).mean())
+    assert err < 0.5 * identity, (err, identity)
 
 
 # -- outputs --------------------------------------------------------------------------------------

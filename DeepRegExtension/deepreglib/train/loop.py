@@ -154,17 +154,41 @@ def synthetic_batch(shape: Sequence[int], seed: int, max_std: float) -> Dict[str
 
 def augment(batch: Dict[str, torch.Tensor], rng: np.random.Generator, flips: bool = True) -> Dict[str, torch.Tensor]:
     """Random axis flips of every tensor of the pair (unless ``flips`` is off) and a random swap
-    of fixed and moving (both keep the pair's correspondence; no displacement target is used by
-    the losses)."""
+    of fixed and moving (both keep the pair's correspondence). A known ``displacement``
+    ``(N, 3, D, H, W)`` (``fixed = moving o (x + u)``, e.g. R2N2's supervised warm start) stays
+    the pair's: a flip also negates its component along the flipped axis, a swap inverts it (and
+    drops it when it folds, so has no inverse)."""
     dims = [d for d in (2, 3, 4) if rng.random() < 0.5]  # drawn either way: later draws stay the same
     if not flips:
         dims = []
     out = {k: (v.flip(dims) if dims else v) for k, v in batch.items()}
+    if dims and "displacement" in out:
+        sign = torch.ones(3, dtype=out["displacement"].dtype)
+        sign[[d - 2 for d in dims]] = -1.0
+        out["displacement"] = out["displacement"] * sign.view(1, 3, 1, 1, 1)
     if rng.random() < 0.5:
         out["fixed"], out["moving"] = out["moving"], out["fixed"]
         if "fixed_labels" in out:
             out["fixed_labels"], out["moving_labels"] = out["moving_labels"], out["fixed_labels"]
+        if "displacement" in out:
+            inverse = _inverse_or_none(out.pop("displacement"))
+            if inverse is not None:
+                out["displacement"] = inverse
     return out
+
+
+def _inverse_or_none(u: torch.Tensor, tol: float = 0.05) -> Optional[torch.Tensor]:
+    """The inverse of the displacement ``u`` (voxels), or ``None`` where it has none (a folding
+    field, or one whose fixed-point inversion does not converge to within ``tol`` voxels), so a
+    swapped pair is never given a wrong target."""
+    from ..core.fields import invert_displacement
+    from ..core.jacobian import jacobian_determinant
+    from ..core.warp import warp
+    if float(jacobian_determinant(u).min()) <= 0:
+        return None
+    w = invert_displacement(u)
+    residual = (w + warp(u, w, padding="border")).abs().max()
+    return w if float(residual) <= tol else None
 
 
 def make_batch(step: int, args: argparse.Namespace, vols: List[torch.Tensor],

@@ -154,18 +154,21 @@ class PositionNetwork(nn.Module):
 
     def forward(self, features: List[torch.Tensor], full_shape: Sequence[int],
                 strides: Sequence[int]) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Returns the centre ``(N, 3)`` (normalised ``(k, j, i)``) and the per-resolution
-        certainties ``(N, L)`` in [0, 2]."""
-        coords, certainties = [], []
+        """Returns the centre ``(N, 3)`` (normalised ``(k, j, i)``), the per-resolution
+        certainties ``(N, L)`` in [0, 2] and the per-resolution position maps (each ``(N, V)``,
+        the mean of ``p_l`` and ``p_r``, summing to 1 over the level's voxels, in
+        :func:`level_coordinates`' order)."""
+        coords, certainties, maps = [], [], []
         for head, feat, stride in zip(self.heads, features, strides):
             p = _spatial_softmax(head(feat))  # (N, 2, V): p_l and p_r
             grid = level_coordinates(full_shape, feat.shape[2:], stride, feat.dtype, feat.device)
-            coords.append(torch.einsum("nv,vc->nc", p.mean(1), grid))
+            maps.append(p.mean(1))
+            coords.append(torch.einsum("nv,vc->nc", maps[-1], grid))
             certainties.append(2.0 - (p[:, 0] - p[:, 1]).abs().sum(-1))
         c = torch.stack(coords, 1)  # (N, L, 3)
         w = torch.stack(certainties, 1)  # (N, L)
         centre = (w.unsqueeze(-1) * c).sum(1) / (w.sum(1, keepdim=True) + 1e-6)
-        return centre, w
+        return centre, w, maps
 
 
 class ParameterNetwork(nn.Module):
@@ -246,6 +249,8 @@ class R2N2Output:
         warped_steps: ``(N, T, 1, D, H, W)`` ``M o f_1 .. M o f_T`` if requested.
         dissimilarity: ``(N, T + 1)`` the stop's dissimilarity ``S_0..S_T`` when a stop was given.
         stopped_early: whether the adaptive stop ended the recursion.
+        position_maps: per step, the position network's maps per resolution (``(N, V)`` each,
+            see :class:`PositionNetwork`) if requested (the supervised warm start's target).
     """
 
     displacement: torch.Tensor
@@ -257,6 +262,7 @@ class R2N2Output:
     warped_steps: Optional[torch.Tensor] = None
     dissimilarity: Optional[torch.Tensor] = None
     stopped_early: bool = False
+    position_maps: Optional[List[List[torch.Tensor]]] = None
 
 
 # -- the network -----------------------------------------------------------------------------------
@@ -322,26 +328,28 @@ class R2N2(nn.Module):
                 m.noise = (1.0 + self.weight_noise * torch.randn_like(m.weight)) if on else None
 
     def step(self, fixed: torch.Tensor, warped: torch.Tensor, state: List[Optional[torch.Tensor]]
-             ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, List[torch.Tensor]]:
-        """One recurrence step: ``(centre, rotation, widths, weight, certainty, new_state)`` with
-        shapes ``(N, 3)``, ``(N, 3, 3)``, ``(N, 3)``, ``(N, 3)``, ``(N, L)``."""
+             ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, List[torch.Tensor],
+                        List[torch.Tensor]]:
+        """One recurrence step: ``(centre, rotation, widths, weight, certainty, new_state,
+        position_maps)`` with shapes ``(N, 3)``, ``(N, 3, 3)``, ``(N, 3)``, ``(N, 3)``, ``(N, L)``,
+        the GRU states, and ``(N, V_l)`` per resolution."""
         x = torch.cat([fixed, warped], dim=1)
         features, new_state = [], []
         for unit, h in zip(self.units, state):
             x, h = unit(x, h)
             features.append(x)
             new_state.append(h)
-        centre, certainty = self.position(features, fixed.shape[2:], self.strides)
+        centre, certainty, maps = self.position(features, fixed.shape[2:], self.strides)
         raw = self.parameter_net(features, centre, fixed.shape[2:], self.strides)
         rotation = rotation_from_6d(raw[:, :6])
         widths = widths_from_logits(raw[:, 6:9], self.s_max, self.s_min)
         weight = torch.tanh(raw[:, 9:12])
-        return centre, rotation, widths, weight, certainty, new_state
+        return centre, rotation, widths, weight, certainty, new_state, maps
 
     def forward(self, moving: torch.Tensor, fixed: torch.Tensor, steps: Optional[int] = None,
                 stop: Optional[AdaptiveStop] = None, return_fields: bool = False,
-                return_warped: bool = False, on_step: Optional[Callable[[int, int], None]] = None
-                ) -> R2N2Output:
+                return_warped: bool = False, on_step: Optional[Callable[[int, int], None]] = None,
+                return_position_maps: bool = False) -> R2N2Output:
         """Run the recursion.
 
         Args:
@@ -351,6 +359,7 @@ class R2N2(nn.Module):
             return_fields: keep every cumulative field ``f_t`` (memory: ``T`` fields).
             return_warped: keep every ``M o f_t`` (the training loss averages over them).
             on_step: called as ``on_step(t, steps)`` after step ``t`` (progress, cancellation).
+            return_position_maps: keep the position network's maps of every step.
         """
         if moving.ndim != 5 or moving.shape != fixed.shape or moving.shape[1] != 1:
             raise ValueError(f"moving and fixed must both be (N, 1, D, H, W), got "
@@ -365,24 +374,26 @@ class R2N2(nn.Module):
         noisy = self.training and self.weight_noise > 0
         self._set_weight_noise(noisy)
         try:
-            return self._recur(moving, fixed, steps, stop, return_fields, return_warped, on_step, shape, grid)
+            return self._recur(moving, fixed, steps, stop, return_fields, return_warped, on_step, shape, grid,
+                               return_position_maps)
         finally:
             if noisy:
                 self._set_weight_noise(False)
 
-    def _recur(self, moving, fixed, steps, stop, return_fields, return_warped, on_step, shape, grid) -> R2N2Output:
+    def _recur(self, moving, fixed, steps, stop, return_fields, return_warped, on_step, shape, grid,
+               return_position_maps=False) -> R2N2Output:
         n = moving.shape[0]
         field = moving.new_zeros((n, 3) + shape)
         warped = moving
         state: List[Optional[torch.Tensor]] = [None] * len(self.units)
         params = {"centres": [], "rotations": [], "widths": [], "weights": []}
-        certainties, fields, warps = [], [], []
+        certainties, fields, warps, maps = [], [], [], []
         metric = dissimilarity(stop.similarity or self.similarity) if stop is not None else None
         history = [metric(fixed, moving).detach()] if metric is not None else []
         stopped = False
         taken = 0
         for t in range(1, steps + 1):
-            centre, rotation, widths, weight, certainty, state = self.step(fixed, warped, state)
+            centre, rotation, widths, weight, certainty, state, step_maps = self.step(fixed, warped, state)
             field = field + local_deformation(centre, rotation, widths, weight, shape, grid)
             warped = warp(moving, field)
             taken = t
@@ -393,6 +404,8 @@ class R2N2(nn.Module):
                 fields.append(field)
             if return_warped:
                 warps.append(warped)
+            if return_position_maps:
+                maps.append(step_maps)
             if on_step is not None:
                 on_step(t, steps)
             if metric is not None:
@@ -409,4 +422,4 @@ class R2N2(nn.Module):
             fields=torch.stack(fields, 1) if return_fields else None,
             warped_steps=torch.stack(warps, 1) if return_warped else None,
             dissimilarity=torch.stack(history, 1) if metric is not None else None,
-            stopped_early=stopped)
+            stopped_early=stopped, position_maps=maps if return_position_maps else None)

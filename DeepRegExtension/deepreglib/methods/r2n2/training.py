@@ -16,6 +16,7 @@ import argparse
 from typing import Dict, Optional, Tuple
 
 import torch
+import torch.nn.functional as F
 
 from ...core.losses import TotalVariation
 from .network import SIMILARITIES, R2N2, dissimilarity
@@ -23,7 +24,7 @@ from ...train.recipe import TrainingRecipe, label_dice_term
 from ...core.warp import warp
 
 DEFAULTS = {"steps": 25, "tv_weight": 0.1, "s_max": 0.3, "s_min": 0.0, "similarity": "mse", "weight_noise": 0.1,
-            "bump_pairs": 0, "bump_voxels": 4.0, "readout_radius": 0.0}
+            "bump_pairs": 0, "bump_voxels": 4.0, "readout_radius": 0.0, "supervised": 0.0}
 
 
 def add_r2n2_arguments(p: argparse.ArgumentParser) -> None:
@@ -49,6 +50,10 @@ def add_r2n2_arguments(p: argparse.ArgumentParser) -> None:
                         "generator's (0: off). The loss stays unsupervised.")
     p.add_argument("--r2n2-bump-voxels", type=float, default=DEFAULTS["bump_voxels"],
                    help="r2n2: largest weight of a bump-pair deformation per axis, voxels")
+    p.add_argument("--r2n2-supervised", type=float, default=DEFAULTS["supervised"], metavar="W",
+                   help="r2n2: weight of the supervised warm start on pairs with a known field (the "
+                        "bump pairs): every step is told where the largest residual is and what "
+                        "displacement it needs there (0: off, the paper's unsupervised loss alone)")
 
 
 def _arg(args: argparse.Namespace, name: str):
@@ -87,7 +92,7 @@ def bump_batch(shape, bank_seed: int, args: argparse.Namespace) -> Optional[Dict
         u = random_local_deformations(shape, k, torch.Generator().manual_seed(bank_seed), size)
         fixed, moving, fl, ml = bump_pair_images(base.moving_labels, u, bank_seed + 1)
         _BUMP_BANK[key] = {"fixed": fixed, "moving": moving, "fixed_labels": fl.to(torch.uint8),
-                           "moving_labels": ml.to(torch.uint8)}
+                           "moving_labels": ml.to(torch.uint8), "displacement": u}
     return dict(_BUMP_BANK[key])
 
 
@@ -97,13 +102,74 @@ def build_r2n2(args: argparse.Namespace) -> R2N2:
                 similarity=_arg(args, "similarity"))
 
 
+def residual_target(residual: torch.Tensor, blur: int = 5) -> torch.Tensor:
+    """Where the next local deformation should go: the normalised ``(k, j, i)`` ``(N, 3)`` of the
+    largest residual displacement (its length, box-blurred over ``blur`` voxels so one stray
+    voxel does not win)."""
+    from .gaussians import index_to_normalized
+    length = residual.norm(dim=1, keepdim=True)
+    smooth = F.avg_pool3d(length, blur, stride=1, padding=blur // 2, count_include_pad=False)
+    n, _, d, h, w = smooth.shape
+    flat = smooth.flatten(1).argmax(1)
+    index = torch.stack([flat // (h * w), (flat // w) % h, flat % w], dim=1).to(residual.dtype)
+    return index_to_normalized(index, (d, h, w))
+
+
+def warm_start_terms(out, target: torch.Tensor, strides) -> Tuple[torch.Tensor, Dict[str, float]]:
+    """The supervised warm start on a pair whose field ``target`` ``(N, 3, D, H, W)`` (voxels)
+    is known, averaged over the steps ``t``. With ``r_t = target - f_{t-1}``, the residual the
+    step faces:
+
+    * ``position``: cross-entropy of the position network's maps (every resolution) against a
+      Gaussian of one level voxel around the largest residual (:func:`residual_target`), plus the
+      squared distance of the predicted centre to it (normalised units);
+    * ``weight``: the squared error of the step's weight against ``r_t`` at the predicted centre
+      (normalised units, the centre detached: whatever place the step chose, the right
+      displacement there);
+    * ``field``: the mean squared endpoint error of ``f_t`` (voxels).
+
+    The first two do not vanish at the identity (weight 0), where the unsupervised loss's
+    gradients of the centres and widths do (they scale with the weight): the saddle every
+    unsupervised run of R2N2 stayed in (docs/BENCHMARKS.md)."""
+    from .gaussians import voxel_scale
+    from .network import level_coordinates
+    params, fields = out.parameters, out.fields
+    shape = tuple(target.shape[2:])
+    scale = voxel_scale(shape, target.dtype, target.device)
+    before = torch.zeros_like(target)
+    position, weight, field = [], [], []
+    for t in range(out.steps):
+        residual = (target - before).detach()
+        goal = residual_target(residual)  # (N, 3)
+        ce = []
+        for level, stride in zip(out.position_maps[t], strides):
+            level_shape = [-(-n // stride) for n in shape]
+            grid = level_coordinates(shape, level_shape, stride, target.dtype, target.device)  # (V, 3)
+            sigma = stride * 2.0 / (torch.tensor(shape, dtype=target.dtype) - 1).min()
+            logits = -((grid.unsqueeze(0) - goal.unsqueeze(1)) ** 2).sum(-1) / (2 * sigma ** 2)
+            q = torch.softmax(logits, dim=-1)
+            ce.append(-(q * torch.log(level.clamp_min(1e-12))).sum(-1).mean())
+        centre = params.centres[:, t]
+        position.append(torch.stack(ce).mean() + ((centre - goal) ** 2).sum(-1).mean())
+        at = centre.detach().flip(-1).view(-1, 1, 1, 1, 3)  # grid_sample wants (x, y, z) = (i, j, k)
+        wanted = F.grid_sample(residual, at, align_corners=True).view(-1, 3) / scale
+        weight.append(((params.weights[:, t] - wanted) ** 2).sum(-1).mean())
+        before = fields[:, t]
+        field.append(((before - target) ** 2).sum(1).mean())
+    pos, wgt, fld = torch.stack(position).mean(), torch.stack(weight).mean(), torch.stack(field).mean()
+    total = pos + 10.0 * wgt + 0.1 * fld
+    return total, {"guide_position": float(pos.detach()), "guide_weight": float(wgt.detach()),
+                   "guide_field": float(fld.detach())}
+
+
 def r2n2_loss(model: R2N2, batch: Dict[str, torch.Tensor], args: argparse.Namespace
               ) -> Tuple[torch.Tensor, Dict[str, float]]:
     """``(1/T) sum_t S(F, M o f_t) + lambda TV(f_T)`` (+ ``label_weight`` (1 - Dice) on synthetic
     pairs when asked). Returns the total and its terms: ``similarity`` (the mean over steps),
     ``final_similarity`` (``S(F, M o f_T)``), ``tv``."""
     fixed, moving = batch["fixed"], batch["moving"]
-    out = model(moving, fixed, return_warped=True)
+    supervised = float(_arg(args, "supervised")) > 0 and "displacement" in batch
+    out = model(moving, fixed, return_warped=True, return_fields=supervised, return_position_maps=supervised)
     metric = dissimilarity(model.similarity)
     per_step = torch.stack([metric(out.warped_steps[:, t], fixed) for t in range(out.steps)], dim=1)
     sim = per_step.mean()
@@ -111,6 +177,11 @@ def r2n2_loss(model: R2N2, batch: Dict[str, torch.Tensor], args: argparse.Namesp
     total = sim + _arg(args, "tv_weight") * tv
     terms = {"similarity": float(sim.detach()), "final_similarity": float(per_step[:, -1].detach().mean()),
              "tv": float(tv.detach())}
+    supervised = float(_arg(args, "supervised"))
+    if supervised > 0 and "displacement" in batch:
+        guide, guide_terms = warm_start_terms(out, batch["displacement"], model.strides)
+        total = total + supervised * guide
+        terms.update(guide_terms)
     label_weight = getattr(args, "label_weight", 0.0)
     if label_weight > 0 and "fixed_labels" in batch:
         dice = label_dice_term(batch, out.displacement)
@@ -120,7 +191,8 @@ def r2n2_loss(model: R2N2, batch: Dict[str, torch.Tensor], args: argparse.Namesp
 
 
 R2N2_RECIPE = TrainingRecipe(
-    build=build_r2n2, loss=r2n2_loss, lr=1e-4, terms=("similarity", "final_similarity", "tv", "dice_loss"),
+    build=build_r2n2, loss=r2n2_loss, lr=1e-4, terms=("similarity", "final_similarity", "tv", "dice_loss", "guide_position", "guide_weight",
+                                                 "guide_field"),
     description="R2N2 in 3D: mean over the T steps of S(F, M o f_t) (MSE or 1 - local NCC) + "
                 "r2n2_tv_weight * isotropic TV of the final voxel field; Adam with AMSGrad; "
                 "Gaussian DropConnect on the recurrent units",
