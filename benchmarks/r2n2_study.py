@@ -112,6 +112,7 @@ def bspline(fixed, moving, grid: Grid, mesh: int):
 
 
 def main(argv=None) -> int:
+    global SHAPE
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="one pair, fewer settings")
     p.add_argument("--pairs", type=int, default=3)
@@ -120,7 +121,11 @@ def main(argv=None) -> int:
     p.add_argument("--weights", default=None, help="R2N2 model file (default: the shipped r2n2.pt)")
     p.add_argument("--kinds", nargs="+", default=["smooth", "bumps"], choices=["smooth", "bumps"])
     p.add_argument("--meshes", nargs="+", type=int, default=None, help="B-spline mesh sizes")
+    p.add_argument("--shape", type=int, default=64,
+                   help="the pairs' cube size (default 64; the warm start trains at 32)")
+    p.add_argument("--tag", default="", help="added to the results file's name")
     args = p.parse_args(argv)
+    SHAPE = (args.shape,) * 3
     torch.set_num_threads(args.threads)
     from deepreglib.methods.registry import create_method
     grid = Grid(SHAPE, (SPACING,) * 3, (0.0, 0.0, 0.0), tuple(np.eye(3).ravel()))
@@ -161,7 +166,7 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stamp = datetime.date.today().isoformat()
-    path = out / f"r2n2-{stamp}.json"
+    path = out / (f"r2n2-{stamp}-{args.tag}.json" if args.tag else f"r2n2-{stamp}.json")
     card = get_method_info("r2n2")
     weights = Path(args.weights).name if args.weights else "r2n2.pt (shipped)"
     path.write_text(json.dumps({"date": stamp, "threads": args.threads, "shape": SHAPE, "spacing_mm": SPACING,

@@ -54,6 +54,10 @@ def test_shipped_weights_match_their_model_cards():
         model, card = load_model(pt)  # verifies the sha256
         assert card["iterations"] > 0 and "training" in card and "training_log" in card
         assert sum(p.numel() for p in model.parameters()) == card["parameters"]
+    # every model file shipped has its card and matches it, the training-only ones too (amdf_ae)
+    for pt in sorted(models_dir().glob("*.pt")):
+        model, card = load_model(pt)
+        assert card["iterations"] > 0 and sum(p.numel() for p in model.parameters()) == card["parameters"], pt
 
 
 def _train(tmp_path, steps, out="run", extra=()):
