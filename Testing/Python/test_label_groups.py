@@ -97,3 +97,8 @@ def test_amdf_registration_trains_on_the_cache_with_its_label_terms_on_every_ste
                  *common]) == 0
     rows = list(csv.DictReader(open(tmp_path / "run" / "loss.csv")))
     assert len(rows) == 2 and all(r["real"] == "1" and float(r["ce"]) > 0 and float(r["ae"]) >= 0 for r in rows)
+    assert main(["train", "amdf", "--out", str(tmp_path / "run"), "--ae-model", str(tmp_path / "ae.pt"),
+                 "--steps", "1", *common, "--export", str(tmp_path / "amdf")]) == 0  # export only
+    ae = json.loads((tmp_path / "ae.json").read_text())
+    named = json.loads((tmp_path / "amdf.json").read_text())["anatomy_autoencoder"]
+    assert named == {"file": "ae.pt", "sha256": ae["sha256"], "iterations": 1, "label_classes": MUSE_CLASSES - 1}

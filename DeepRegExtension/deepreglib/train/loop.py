@@ -520,6 +520,8 @@ def _save_checkpoint(path: Path, model: nn.Module, opt: torch.optim.Optimizer, s
                      ema: Optional["WeightAverage"] = None) -> None:
     tmp = path.with_suffix(".tmp")
     state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step}
+    if isinstance(getattr(model, "config", None), dict):  # the architecture, for recipes that rebuild it
+        state["config"] = json.loads(json.dumps(model.config))
     if ema is not None:
         state.update(ema.state())
     torch.save(state, tmp)

@@ -18,12 +18,15 @@ non-negative values), and the label terms are skipped on real (unlabelled) pairs
 """
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Dict, Tuple
 
 import torch
 import torch.nn.functional as F
 
 from ...core.errors import BadInputError
+from ...io.models import read_model_card
 from ...core.losses import LocalNCC, SSIMLoss, TotalVariation, one_hot
 from ..weights import load_model
 from ...core.segmentation_losses import LaplacianContourLoss, SoftCrossEntropy
@@ -135,6 +138,19 @@ def frozen_autoencoder(path, device) -> torch.nn.Module:
     return _FROZEN[key]
 
 
+def _checkpoint_config(out):
+    """The architecture saved in ``out``'s checkpoint (``None`` without one): a resumed run needs
+    neither ``--seg-model`` nor ``--init-from`` again. An older checkpoint without it: the
+    config of the model file the run was started from (its ``config.json``)."""
+    if not out or not (Path(out) / "checkpoint.pt").is_file():
+        return None
+    ckpt = torch.load(Path(out) / "checkpoint.pt", map_location="cpu", weights_only=True)
+    if "config" in ckpt:
+        return ckpt["config"]
+    started = json.loads((Path(out) / "config.json").read_text()).get("initialised_from") or {}
+    return read_model_card(started["path"])["config"] if started.get("path") else None
+
+
 def build_amdf(args):
     """AMDF with the trained segmentation net from ``--seg-model`` (frozen, saved inside the
     model), or, with ``--init-from`` a trained AMDF and no ``--seg-model``, the architecture of
@@ -143,6 +159,10 @@ def build_amdf(args):
     from .network import AMDF, RoiSegmentationUNet
     seg_path = getattr(args, "seg_model", None)
     init_from = getattr(args, "init_from", None)
+    resumed = _checkpoint_config(getattr(args, "out", None))
+    if not seg_path and resumed is not None:  # a resumed run: its checkpoint holds the segmenter
+        frozen_autoencoder(getattr(args, "ae_model", None), "cpu")
+        return AMDF(**resumed)
     if not seg_path and init_from:  # the trained AMDF carries its frozen segmenter
         from ...io.models import read_model_card
         frozen_autoencoder(getattr(args, "ae_model", None), "cpu")
@@ -198,9 +218,26 @@ AMDF_AE = TrainingRecipe(
     cache_sets=LABELLED_SETS, **_cache_labels("amdf_ae", real_only=True),
     description=f"AMDF denoising label auto-encoder: cross-entropy + {AE_CONTOUR_WEIGHT:g} * Laplacian "
                 f"contour loss, {AE_NOISE:g} of input voxels relabelled at random")
+def _amdf_hooks():
+    """AMDF's cache hooks, its card also naming the label auto-encoder its anatomical term used
+    (file name, sha256 and steps), so the card says which prior shaped the weights."""
+    hooks = _cache_labels("amdf", real_only=True)
+    cache_entries = hooks["card_entries"]
+
+    def card_entries(cfg):
+        entries = dict(cache_entries(cfg))
+        if cfg.get("ae_model"):
+            card = read_model_card(cfg["ae_model"])
+            entries["anatomy_autoencoder"] = {"file": Path(str(cfg["ae_model"])).name, "sha256": card.get("sha256"),
+                                              "iterations": card.get("iterations"),
+                                              "label_classes": len(card.get("label_classes", {})) or None}
+        return entries
+    return {**hooks, "card_entries": card_entries}
+
+
 AMDF_RECIPE = TrainingRecipe(
     build=build_amdf, loss=amdf_loss, lr=1e-4, terms=("ncc_loss", "ssim_loss", "tv", "ce", "ae"),
-    cache_sets=LABELLED_SETS, **_cache_labels("amdf", real_only=True),
+    cache_sets=LABELLED_SETS, **_amdf_hooks(),
     description="AMDF multi-scale registration: (1 - local NCC) + (1 - SSIM) + 3.5 * reg_weight * TV(field) "
                 "+ CE(warped labels, fixed labels) + 0.1 * ||enc(warped labels) - enc(fixed labels)||^2 "
                 "(label terms on synthetic pairs; needs --seg-model and --ae-model)")
