@@ -341,8 +341,7 @@ def test_the_warm_start_s_gradients_reach_the_heads_at_the_identity():
     """The unsupervised loss gives the centre heads no gradient at the identity (a weight of 0:
     the saddle R2N2 stayed in); the supervised warm start does, and it points the first centre
     at the largest residual."""
-    from deepreglib.methods.r2n2.training import residual_target, warm_start_terms
-    from deepreglib.methods.r2n2.gaussians import index_to_normalized
+    from deepreglib.methods.r2n2.training import residual_guide, residual_target, warm_start_terms
     torch.manual_seed(0)
     shape = (24, 24, 24)
     model = tiny_model(steps=2)
@@ -369,7 +368,17 @@ def test_the_warm_start_s_gradients_reach_the_heads_at_the_identity():
 
     assert grads(False) == 0.0
     assert grads(True) > 1e-3
-    assert index_to_normalized(torch.zeros(1, 3), shape).shape == (1, 3)
+    # teacher forcing: the deformation goes to the largest residual, the network's own centre is
+    # kept beside it, and the weight head is told the displacement there (not the zero of a
+    # wrong place), so its gradient does not vanish at the identity either
+    model.zero_grad()
+    out = model(moving, fixed, return_warped=True, return_fields=True, return_position_maps=True,
+                centre_guide=residual_guide(u))
+    assert torch.allclose(out.parameters.centres[:, 0], goal) and out.predicted_centres.shape == (1, 2, 3)
+    loss, terms = warm_start_terms(out, u, model.strides)
+    loss.backward()
+    assert terms["guide_weight"] > 0.02  # (0.2 normalised units)^2 from the weight 0 at the bump
+    assert float(model.parameter_net.fc.weight.grad[9:].abs().sum()) > 1e-4
 
 
 def test_a_short_warm_start_moves_the_field_towards_a_known_bump():

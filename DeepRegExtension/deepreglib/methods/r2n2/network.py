@@ -251,6 +251,8 @@ class R2N2Output:
         stopped_early: whether the adaptive stop ended the recursion.
         position_maps: per step, the position network's maps per resolution (``(N, V)`` each,
             see :class:`PositionNetwork`) if requested (the supervised warm start's target).
+        predicted_centres: ``(N, T, 3)`` the network's own centres when a ``centre_guide``
+            placed the deformations (``parameters.centres`` then holds the guide's).
     """
 
     displacement: torch.Tensor
@@ -263,6 +265,7 @@ class R2N2Output:
     dissimilarity: Optional[torch.Tensor] = None
     stopped_early: bool = False
     position_maps: Optional[List[List[torch.Tensor]]] = None
+    predicted_centres: Optional[torch.Tensor] = None
 
 
 # -- the network -----------------------------------------------------------------------------------
@@ -349,7 +352,8 @@ class R2N2(nn.Module):
     def forward(self, moving: torch.Tensor, fixed: torch.Tensor, steps: Optional[int] = None,
                 stop: Optional[AdaptiveStop] = None, return_fields: bool = False,
                 return_warped: bool = False, on_step: Optional[Callable[[int, int], None]] = None,
-                return_position_maps: bool = False) -> R2N2Output:
+                return_position_maps: bool = False,
+                centre_guide: Optional[Callable[[torch.Tensor], torch.Tensor]] = None) -> R2N2Output:
         """Run the recursion.
 
         Args:
@@ -360,6 +364,9 @@ class R2N2(nn.Module):
             return_warped: keep every ``M o f_t`` (the training loss averages over them).
             on_step: called as ``on_step(t, steps)`` after step ``t`` (progress, cancellation).
             return_position_maps: keep the position network's maps of every step.
+            centre_guide: teacher forcing (training only): ``centre_guide(field) -> (N, 3)`` gives
+                the centre each step's deformation is placed at, from the field so far; the
+                network's own centres are then kept in ``predicted_centres``.
         """
         if moving.ndim != 5 or moving.shape != fixed.shape or moving.shape[1] != 1:
             raise ValueError(f"moving and fixed must both be (N, 1, D, H, W), got "
@@ -375,25 +382,28 @@ class R2N2(nn.Module):
         self._set_weight_noise(noisy)
         try:
             return self._recur(moving, fixed, steps, stop, return_fields, return_warped, on_step, shape, grid,
-                               return_position_maps)
+                               return_position_maps, centre_guide)
         finally:
             if noisy:
                 self._set_weight_noise(False)
 
     def _recur(self, moving, fixed, steps, stop, return_fields, return_warped, on_step, shape, grid,
-               return_position_maps=False) -> R2N2Output:
+               return_position_maps=False, centre_guide=None) -> R2N2Output:
         n = moving.shape[0]
         field = moving.new_zeros((n, 3) + shape)
         warped = moving
         state: List[Optional[torch.Tensor]] = [None] * len(self.units)
         params = {"centres": [], "rotations": [], "widths": [], "weights": []}
-        certainties, fields, warps, maps = [], [], [], []
+        certainties, fields, warps, maps, predicted = [], [], [], [], []
         metric = dissimilarity(stop.similarity or self.similarity) if stop is not None else None
         history = [metric(fixed, moving).detach()] if metric is not None else []
         stopped = False
         taken = 0
         for t in range(1, steps + 1):
             centre, rotation, widths, weight, certainty, state, step_maps = self.step(fixed, warped, state)
+            if centre_guide is not None:
+                predicted.append(centre)
+                centre = centre_guide(field).to(centre.dtype)
             field = field + local_deformation(centre, rotation, widths, weight, shape, grid)
             warped = warp(moving, field)
             taken = t
@@ -422,4 +432,5 @@ class R2N2(nn.Module):
             fields=torch.stack(fields, 1) if return_fields else None,
             warped_steps=torch.stack(warps, 1) if return_warped else None,
             dissimilarity=torch.stack(history, 1) if metric is not None else None,
-            stopped_early=stopped, position_maps=maps if return_position_maps else None)
+            stopped_early=stopped, position_maps=maps if return_position_maps else None,
+            predicted_centres=torch.stack(predicted, 1) if predicted else None)

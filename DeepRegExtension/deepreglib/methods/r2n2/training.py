@@ -24,7 +24,8 @@ from ...train.recipe import TrainingRecipe, label_dice_term
 from ...core.warp import warp
 
 DEFAULTS = {"steps": 25, "tv_weight": 0.1, "s_max": 0.3, "s_min": 0.0, "similarity": "mse", "weight_noise": 0.1,
-            "bump_pairs": 0, "bump_voxels": 4.0, "readout_radius": 0.0, "supervised": 0.0}
+            "bump_pairs": 0, "bump_voxels": 4.0, "readout_radius": 0.0, "supervised": 0.0,
+            "teacher": 1.0}
 
 
 def add_r2n2_arguments(p: argparse.ArgumentParser) -> None:
@@ -54,6 +55,10 @@ def add_r2n2_arguments(p: argparse.ArgumentParser) -> None:
                    help="r2n2: weight of the supervised warm start on pairs with a known field (the "
                         "bump pairs): every step is told where the largest residual is and what "
                         "displacement it needs there (0: off, the paper's unsupervised loss alone)")
+    p.add_argument("--r2n2-teacher", type=float, default=DEFAULTS["teacher"], metavar="P",
+                   help="r2n2, with --r2n2-supervised: the share of supervised steps (in every 10) whose "
+                        "deformations are placed at the largest residual instead of the network's own "
+                        "centres (teacher forcing; 0: always its own)")
 
 
 def _arg(args: argparse.Namespace, name: str):
@@ -118,14 +123,15 @@ def residual_target(residual: torch.Tensor, blur: int = 5) -> torch.Tensor:
 def warm_start_terms(out, target: torch.Tensor, strides) -> Tuple[torch.Tensor, Dict[str, float]]:
     """The supervised warm start on a pair whose field ``target`` ``(N, 3, D, H, W)`` (voxels)
     is known, averaged over the steps ``t``. With ``r_t = target - f_{t-1}``, the residual the
-    step faces:
+    step faces, and ``c_t`` the largest residual (:func:`residual_target`):
 
     * ``position``: cross-entropy of the position network's maps (every resolution) against a
-      Gaussian of one level voxel around the largest residual (:func:`residual_target`), plus the
-      squared distance of the predicted centre to it (normalised units);
-    * ``weight``: the squared error of the step's weight against ``r_t`` at the predicted centre
-      (normalised units, the centre detached: whatever place the step chose, the right
-      displacement there);
+      Gaussian of one level voxel around ``c_t``, plus the squared distance of the network's
+      centre to it (normalised units);
+    * ``weight``: the squared error of the step's weight against ``r_t`` where the deformation
+      was placed (normalised units): at ``c_t`` under teacher forcing (``out`` run with
+      :func:`residual_guide`, so the target is never the zero of a wrong place), else at the
+      network's centre, detached;
     * ``field``: the mean squared endpoint error of ``f_t`` (voxels).
 
     The first two do not vanish at the identity (weight 0), where the unsupervised loss's
@@ -134,13 +140,15 @@ def warm_start_terms(out, target: torch.Tensor, strides) -> Tuple[torch.Tensor, 
     from .gaussians import voxel_scale
     from .network import level_coordinates
     params, fields = out.parameters, out.fields
+    guided = out.predicted_centres is not None
+    own = out.predicted_centres if guided else params.centres
     shape = tuple(target.shape[2:])
     scale = voxel_scale(shape, target.dtype, target.device)
     before = torch.zeros_like(target)
     position, weight, field = [], [], []
     for t in range(out.steps):
         residual = (target - before).detach()
-        goal = residual_target(residual)  # (N, 3)
+        goal = params.centres[:, t].detach() if guided else residual_target(residual)  # (N, 3)
         ce = []
         for level, stride in zip(out.position_maps[t], strides):
             level_shape = [-(-n // stride) for n in shape]
@@ -149,17 +157,29 @@ def warm_start_terms(out, target: torch.Tensor, strides) -> Tuple[torch.Tensor, 
             logits = -((grid.unsqueeze(0) - goal.unsqueeze(1)) ** 2).sum(-1) / (2 * sigma ** 2)
             q = torch.softmax(logits, dim=-1)
             ce.append(-(q * torch.log(level.clamp_min(1e-12))).sum(-1).mean())
-        centre = params.centres[:, t]
-        position.append(torch.stack(ce).mean() + ((centre - goal) ** 2).sum(-1).mean())
-        at = centre.detach().flip(-1).view(-1, 1, 1, 1, 3)  # grid_sample wants (x, y, z) = (i, j, k)
+        position.append(torch.stack(ce).mean() + ((own[:, t] - goal) ** 2).sum(-1).mean())
+        at = params.centres[:, t].detach().flip(-1).view(-1, 1, 1, 1, 3)  # grid_sample: (x, y, z) = (i, j, k)
         wanted = F.grid_sample(residual, at, align_corners=True).view(-1, 3) / scale
         weight.append(((params.weights[:, t] - wanted) ** 2).sum(-1).mean())
         before = fields[:, t]
         field.append(((before - target) ** 2).sum(1).mean())
     pos, wgt, fld = torch.stack(position).mean(), torch.stack(weight).mean(), torch.stack(field).mean()
-    total = pos + 10.0 * wgt + 0.1 * fld
+    total = pos + WARM_WEIGHT_TERM * wgt + WARM_FIELD_TERM * fld
     return total, {"guide_position": float(pos.detach()), "guide_weight": float(wgt.detach()),
                    "guide_field": float(fld.detach())}
+
+
+#: the warm start's weights of its weight and field terms beside the position term (whose
+#: cross-entropy starts near log of a level's voxel count): a weight error of 0.1 normalised
+#: units (1.5 voxels at 32^3) then counts 0.3, a field error of 1 voxel 0.1
+WARM_WEIGHT_TERM = 30.0
+WARM_FIELD_TERM = 0.1
+
+
+def residual_guide(target: torch.Tensor):
+    """Teacher forcing for :class:`~deepreglib.methods.r2n2.network.R2N2`'s ``centre_guide``:
+    each deformation goes where the residual ``target - field`` is largest."""
+    return lambda field: residual_target((target - field).detach())
 
 
 def r2n2_loss(model: R2N2, batch: Dict[str, torch.Tensor], args: argparse.Namespace
@@ -169,7 +189,10 @@ def r2n2_loss(model: R2N2, batch: Dict[str, torch.Tensor], args: argparse.Namesp
     ``final_similarity`` (``S(F, M o f_T)``), ``tv``."""
     fixed, moving = batch["fixed"], batch["moving"]
     supervised = float(_arg(args, "supervised")) > 0 and "displacement" in batch
-    out = model(moving, fixed, return_warped=True, return_fields=supervised, return_position_maps=supervised)
+    step = int(getattr(args, "current_step", 0) or 0)
+    forced = supervised and (step % 10) < round(10 * float(_arg(args, "teacher")))
+    out = model(moving, fixed, return_warped=True, return_fields=supervised, return_position_maps=supervised,
+                centre_guide=residual_guide(batch["displacement"]) if forced else None)
     metric = dissimilarity(model.similarity)
     per_step = torch.stack([metric(out.warped_steps[:, t], fixed) for t in range(out.steps)], dim=1)
     sim = per_step.mean()
