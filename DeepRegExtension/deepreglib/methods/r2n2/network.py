@@ -330,12 +330,14 @@ class R2N2(nn.Module):
             if isinstance(m, NoisyConv3d):
                 m.noise = (1.0 + self.weight_noise * torch.randn_like(m.weight)) if on else None
 
-    def step(self, fixed: torch.Tensor, warped: torch.Tensor, state: List[Optional[torch.Tensor]]
-             ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, List[torch.Tensor],
+    def step(self, fixed: torch.Tensor, warped: torch.Tensor, state: List[Optional[torch.Tensor]],
+             place: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, List[torch.Tensor],
                         List[torch.Tensor]]:
         """One recurrence step: ``(centre, rotation, widths, weight, certainty, new_state,
         position_maps)`` with shapes ``(N, 3)``, ``(N, 3, 3)``, ``(N, 3)``, ``(N, 3)``, ``(N, L)``,
-        the GRU states, and ``(N, V_l)`` per resolution."""
+        the GRU states, and ``(N, V_l)`` per resolution. ``place`` ``(N, 3)`` (teacher forcing):
+        the parameters are read for a deformation there, not at the network's own centre, which
+        is still returned."""
         x = torch.cat([fixed, warped], dim=1)
         features, new_state = [], []
         for unit, h in zip(self.units, state):
@@ -343,7 +345,7 @@ class R2N2(nn.Module):
             features.append(x)
             new_state.append(h)
         centre, certainty, maps = self.position(features, fixed.shape[2:], self.strides)
-        raw = self.parameter_net(features, centre, fixed.shape[2:], self.strides)
+        raw = self.parameter_net(features, centre if place is None else place, fixed.shape[2:], self.strides)
         rotation = rotation_from_6d(raw[:, :6])
         widths = widths_from_logits(raw[:, 6:9], self.s_max, self.s_min)
         weight = torch.tanh(raw[:, 9:12])
@@ -400,10 +402,11 @@ class R2N2(nn.Module):
         stopped = False
         taken = 0
         for t in range(1, steps + 1):
-            centre, rotation, widths, weight, certainty, state, step_maps = self.step(fixed, warped, state)
-            if centre_guide is not None:
+            place = centre_guide(field).to(field.dtype) if centre_guide is not None else None
+            centre, rotation, widths, weight, certainty, state, step_maps = self.step(fixed, warped, state, place)
+            if place is not None:
                 predicted.append(centre)
-                centre = centre_guide(field).to(centre.dtype)
+                centre = place
             field = field + local_deformation(centre, rotation, widths, weight, shape, grid)
             warped = warp(moving, field)
             taken = t
