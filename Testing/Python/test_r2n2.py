@@ -544,3 +544,18 @@ def test_compactness_counts():
     for mesh in ((4, 5, 3), (8, 8, 8)):
         t = sitk.BSplineTransformInitializer(img, list(mesh), 3)
         assert bspline_parameter_count(mesh) == t.GetNumberOfParameters()
+
+
+def test_init_width_starts_every_gaussian_at_the_given_variance():
+    from deepreglib.core.errors import BadInputError
+    from deepreglib.methods.r2n2.gaussians import widths_from_logits
+    from deepreglib.methods.r2n2.training import build_r2n2
+    model = build_r2n2(argparse.Namespace(r2n2_init_width=0.03, r2n2_s_min=0.005, r2n2_steps=2))
+    torch.manual_seed(0)
+    out = model(torch.rand(1, 1, 16, 16, 16), torch.rand(1, 1, 16, 16, 16))
+    assert torch.allclose(out.parameters.widths, torch.full_like(out.parameters.widths, 0.03), atol=2e-3)
+    assert torch.allclose(widths_from_logits(model.parameter_net.fc.bias[6:9], model.s_max, model.s_min),
+                          torch.full((3,), 0.03))
+    for bad in (0.001, 0.5):
+        with pytest.raises(BadInputError, match="init-width"):
+            build_r2n2(argparse.Namespace(r2n2_init_width=bad, r2n2_s_min=0.005))

@@ -13,11 +13,13 @@ lambda = 0.1, s_max = 0.3, learning rate 1e-4.
 from __future__ import annotations
 
 import argparse
+import math
 from typing import Dict, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 
+from ...core.errors import BadInputError
 from ...core.losses import TotalVariation
 from .network import SIMILARITIES, R2N2, dissimilarity
 from ...train.recipe import TrainingRecipe, label_dice_term
@@ -25,7 +27,7 @@ from ...core.warp import warp
 
 DEFAULTS = {"steps": 25, "tv_weight": 0.1, "s_max": 0.3, "s_min": 0.0, "similarity": "mse", "weight_noise": 0.1,
             "bump_pairs": 0, "bump_voxels": 4.0, "readout_radius": 0.0, "supervised": 0.0,
-            "teacher": 1.0}
+            "teacher": 1.0, "init_width": 0.0}
 
 
 def add_r2n2_arguments(p: argparse.ArgumentParser) -> None:
@@ -55,6 +57,9 @@ def add_r2n2_arguments(p: argparse.ArgumentParser) -> None:
                    help="r2n2: weight of the supervised warm start on pairs with a known field (the "
                         "bump pairs): every step is told where the largest residual is and what "
                         "displacement it needs there (0: off, the paper's unsupervised loss alone)")
+    p.add_argument("--r2n2-init-width", type=float, default=DEFAULTS["init_width"], metavar="S",
+                   help="r2n2: the Gaussians' starting variance (normalised units squared; 0: half of "
+                        "s_max, the paper's); e.g. 0.03 for the bump pairs' class")
     p.add_argument("--r2n2-teacher", type=float, default=DEFAULTS["teacher"], metavar="P",
                    help="r2n2, with --r2n2-supervised: the share of supervised steps (in every 10) whose "
                         "deformations are placed at the largest residual instead of the network's own "
@@ -102,9 +107,24 @@ def bump_batch(shape, bank_seed: int, args: argparse.Namespace) -> Optional[Dict
 
 
 def build_r2n2(args: argparse.Namespace) -> R2N2:
-    return R2N2(steps=_arg(args, "steps"), s_max=_arg(args, "s_max"), s_min=_arg(args, "s_min"),
-                weight_noise=_arg(args, "weight_noise"), readout_radius=_arg(args, "readout_radius"),
-                similarity=_arg(args, "similarity"))
+    """R2N2 from the recipe's options; ``--r2n2-init-width S`` starts every Gaussian at variance
+    ``S`` (the width logits' bias) instead of half of ``s_max``: Adam moves a bias by about the
+    learning rate a step, so from the paper's start (0.15 normalised units squared, a sigma of 6
+    voxels at 32^3) to the bump class's widths (0.01-0.06) takes thousands of steps, in which
+    every deformation spreads its displacement far beyond the place it should act."""
+    model = R2N2(steps=_arg(args, "steps"), s_max=_arg(args, "s_max"), s_min=_arg(args, "s_min"),
+                 weight_noise=_arg(args, "weight_noise"), readout_radius=_arg(args, "readout_radius"),
+                 similarity=_arg(args, "similarity"))
+    init = _arg(args, "init_width")
+    if init:
+        from .gaussians import WIDTH_FLOOR
+        lo, hi = model.s_min + WIDTH_FLOOR, model.s_max + WIDTH_FLOOR
+        if not lo < init < hi:
+            raise BadInputError(f"--r2n2-init-width must lie in ({lo:g}, {hi:g}) (the widths' range), got {init:g}")
+        p = (init - lo) / (hi - lo)
+        with torch.no_grad():
+            model.parameter_net.fc.bias[6:9] = math.log(p / (1.0 - p))
+    return model
 
 
 def residual_target(residual: torch.Tensor, blur: int = 5) -> torch.Tensor:
