@@ -559,3 +559,17 @@ def test_init_width_starts_every_gaussian_at_the_given_variance():
     for bad in (0.001, 0.5):
         with pytest.raises(BadInputError, match="init-width"):
             build_r2n2(argparse.Namespace(r2n2_init_width=bad, r2n2_s_min=0.005))
+
+
+def test_the_flow_head_is_told_the_dense_residual_in_training_only():
+    from deepreglib.methods.r2n2.training import bump_batch, build_r2n2, r2n2_loss
+    args = argparse.Namespace(r2n2_steps=2, r2n2_flow_head=True, r2n2_supervised=1.0, r2n2_bump_pairs=2,
+                              r2n2_bump_voxels=3.0, current_step=0)
+    model = build_r2n2(args).train()
+    assert model.config["flow_head"] is True and "flow_head" not in build_r2n2(argparse.Namespace()).config
+    total, terms = r2n2_loss(model, bump_batch((24, 24, 24), 3, args), args)
+    total.backward()
+    assert terms["guide_flow"] > 0 and float(model.flow_head.weight.grad.abs().sum()) > 0
+    with torch.no_grad():
+        assert model.eval()(torch.rand(1, 1, 24, 24, 24), torch.rand(1, 1, 24, 24, 24),
+                            return_position_maps=True).flows is None  # inference never runs it

@@ -253,6 +253,8 @@ class R2N2Output:
             see :class:`PositionNetwork`) if requested (the supervised warm start's target).
         predicted_centres: ``(N, T, 3)`` the network's own centres when a ``centre_guide``
             placed the deformations (``parameters.centres`` then holds the guide's).
+        flows: per step, the flow head's residual displacement ``(N, 3, d, h, w)`` on the finest
+            features' grid (normalised units), in training with ``return_position_maps``.
     """
 
     displacement: torch.Tensor
@@ -266,6 +268,7 @@ class R2N2Output:
     stopped_early: bool = False
     position_maps: Optional[List[List[torch.Tensor]]] = None
     predicted_centres: Optional[torch.Tensor] = None
+    flows: Optional[List[torch.Tensor]] = None
 
 
 # -- the network -----------------------------------------------------------------------------------
@@ -292,7 +295,7 @@ class R2N2(nn.Module):
 
     def __init__(self, channels: Sequence[int] = (16, 32, 32), res_blocks: int = 2, pooled: int = 16,
                  steps: int = 25, s_max: float = 0.3, weight_noise: float = 0.0, similarity: str = "mse",
-                 s_min: float = 0.0, readout_radius: float = 0.0):
+                 s_min: float = 0.0, readout_radius: float = 0.0, flow_head: bool = False):
         super().__init__()
         if len(channels) != 3 or min(channels) < 1:
             raise ValueError(f"channels must be 3 positive numbers (one per resolution), got {channels}")
@@ -311,6 +314,8 @@ class R2N2(nn.Module):
         self.config = dict(channels=[int(c) for c in channels], res_blocks=int(res_blocks), pooled=int(pooled),
                            steps=int(steps), s_max=float(s_max), s_min=float(s_min), weight_noise=float(weight_noise),
                            similarity=similarity, readout_radius=float(readout_radius))
+        if flow_head:  # only then in the config, so the cards of models without it stay as they were
+            self.config["flow_head"] = True
         self.steps = int(steps)
         self.s_max = float(s_max)
         self.s_min = float(s_min)
@@ -321,6 +326,9 @@ class R2N2(nn.Module):
         self.strides = [2, 4, 8]
         self.position = PositionNetwork(channels)
         self.parameter_net = ParameterNetwork(channels, pooled, readout_radius)
+        #: training only (beyond the paper): the residual displacement at every voxel of the finest
+        #: features, so a dense signal teaches them the local motion the sparse heads read
+        self.flow_head = nn.Conv3d(channels[0], 3, 1) if flow_head else None
 
     #: sizes need no particular multiple (strided convolutions accept any size)
     divisor = 1
@@ -345,6 +353,7 @@ class R2N2(nn.Module):
             features.append(x)
             new_state.append(h)
         centre, certainty, maps = self.position(features, fixed.shape[2:], self.strides)
+        self._flow = self.flow_head(features[0]) if self.flow_head is not None and self.training else None
         raw = self.parameter_net(features, centre if place is None else place, fixed.shape[2:], self.strides)
         rotation = rotation_from_6d(raw[:, :6])
         widths = widths_from_logits(raw[:, 6:9], self.s_max, self.s_min)
@@ -396,7 +405,7 @@ class R2N2(nn.Module):
         warped = moving
         state: List[Optional[torch.Tensor]] = [None] * len(self.units)
         params = {"centres": [], "rotations": [], "widths": [], "weights": []}
-        certainties, fields, warps, maps, predicted = [], [], [], [], []
+        certainties, fields, warps, maps, predicted, flows = [], [], [], [], [], []
         metric = dissimilarity(stop.similarity or self.similarity) if stop is not None else None
         history = [metric(fixed, moving).detach()] if metric is not None else []
         stopped = False
@@ -419,6 +428,8 @@ class R2N2(nn.Module):
                 warps.append(warped)
             if return_position_maps:
                 maps.append(step_maps)
+                if getattr(self, "_flow", None) is not None:
+                    flows.append(self._flow)
             if on_step is not None:
                 on_step(t, steps)
             if metric is not None:
@@ -436,4 +447,5 @@ class R2N2(nn.Module):
             warped_steps=torch.stack(warps, 1) if return_warped else None,
             dissimilarity=torch.stack(history, 1) if metric is not None else None,
             stopped_early=stopped, position_maps=maps if return_position_maps else None,
-            predicted_centres=torch.stack(predicted, 1) if predicted else None)
+            predicted_centres=torch.stack(predicted, 1) if predicted else None,
+            flows=flows or None)

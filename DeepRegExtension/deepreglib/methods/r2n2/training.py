@@ -27,7 +27,8 @@ from ...core.warp import warp
 
 DEFAULTS = {"steps": 25, "tv_weight": 0.1, "s_max": 0.3, "s_min": 0.0, "similarity": "mse", "weight_noise": 0.1,
             "bump_pairs": 0, "bump_voxels": 4.0, "readout_radius": 0.0, "supervised": 0.0,
-            "teacher": 1.0, "init_width": 0.0}
+            "teacher": 1.0, "init_width": 0.0,
+            "flow_head": False}
 
 
 def add_r2n2_arguments(p: argparse.ArgumentParser) -> None:
@@ -60,6 +61,10 @@ def add_r2n2_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--r2n2-init-width", type=float, default=DEFAULTS["init_width"], metavar="S",
                    help="r2n2: the Gaussians' starting variance (normalised units squared; 0: half of "
                         "s_max, the paper's); e.g. 0.03 for the bump pairs' class")
+    p.add_argument("--r2n2-flow-head", action="store_true",
+                   help="r2n2, with --r2n2-supervised: a training-only head on the finest features told the "
+                        "residual displacement at every voxel (dense supervision; the heads see one "
+                        "point per step)")
     p.add_argument("--r2n2-teacher", type=float, default=DEFAULTS["teacher"], metavar="P",
                    help="r2n2, with --r2n2-supervised: the share of supervised steps (in every 10) whose "
                         "deformations are placed at the largest residual instead of the network's own "
@@ -114,7 +119,7 @@ def build_r2n2(args: argparse.Namespace) -> R2N2:
     every deformation spreads its displacement far beyond the place it should act."""
     model = R2N2(steps=_arg(args, "steps"), s_max=_arg(args, "s_max"), s_min=_arg(args, "s_min"),
                  weight_noise=_arg(args, "weight_noise"), readout_radius=_arg(args, "readout_radius"),
-                 similarity=_arg(args, "similarity"))
+                 similarity=_arg(args, "similarity"), flow_head=bool(_arg(args, "flow_head")))
     init = _arg(args, "init_width")
     if init:
         from .gaussians import WIDTH_FLOOR
@@ -165,7 +170,7 @@ def warm_start_terms(out, target: torch.Tensor, strides) -> Tuple[torch.Tensor, 
     shape = tuple(target.shape[2:])
     scale = voxel_scale(shape, target.dtype, target.device)
     before = torch.zeros_like(target)
-    position, weight, field = [], [], []
+    position, weight, field, flow = [], [], [], []
     for t in range(out.steps):
         residual = (target - before).detach()
         goal = params.centres[:, t].detach() if guided else residual_target(residual)  # (N, 3)
@@ -181,12 +186,20 @@ def warm_start_terms(out, target: torch.Tensor, strides) -> Tuple[torch.Tensor, 
         at = params.centres[:, t].detach().flip(-1).view(-1, 1, 1, 1, 3)  # grid_sample: (x, y, z) = (i, j, k)
         wanted = F.grid_sample(residual, at, align_corners=True).view(-1, 3) / scale
         weight.append(((params.weights[:, t] - wanted) ** 2).sum(-1).mean())
+        if out.flows is not None:  # the dense residual, on the finest features' grid (stride 2)
+            dense = residual[:, :, ::strides[0], ::strides[0], ::strides[0]] / scale.view(1, 3, 1, 1, 1)
+            flow.append(((out.flows[t] - dense) ** 2).sum(1).mean())
         before = fields[:, t]
         field.append(((before - target) ** 2).sum(1).mean())
     pos, wgt, fld = torch.stack(position).mean(), torch.stack(weight).mean(), torch.stack(field).mean()
     total = pos + WARM_WEIGHT_TERM * wgt + WARM_FIELD_TERM * fld
-    return total, {"guide_position": float(pos.detach()), "guide_weight": float(wgt.detach()),
-                   "guide_field": float(fld.detach())}
+    terms = {"guide_position": float(pos.detach()), "guide_weight": float(wgt.detach()),
+             "guide_field": float(fld.detach())}
+    if flow:
+        dense_term = torch.stack(flow).mean()
+        total = total + WARM_FLOW_TERM * dense_term
+        terms["guide_flow"] = float(dense_term.detach())
+    return total, terms
 
 
 #: the warm start's weights of its weight and field terms beside the position term (whose
@@ -194,6 +207,8 @@ def warm_start_terms(out, target: torch.Tensor, strides) -> Tuple[torch.Tensor, 
 #: units (1.5 voxels at 32^3) then counts 0.3, a field error of 1 voxel 0.1
 WARM_WEIGHT_TERM = 30.0
 WARM_FIELD_TERM = 0.1
+#: the flow head's dense term (normalised units squared): a residual of 0.1 everywhere counts 1
+WARM_FLOW_TERM = 100.0
 
 
 def residual_guide(target: torch.Tensor):
@@ -235,7 +250,7 @@ def r2n2_loss(model: R2N2, batch: Dict[str, torch.Tensor], args: argparse.Namesp
 
 R2N2_RECIPE = TrainingRecipe(
     build=build_r2n2, loss=r2n2_loss, lr=1e-4, terms=("similarity", "final_similarity", "tv", "dice_loss", "guide_position", "guide_weight",
-                                                 "guide_field"),
+                                                 "guide_field", "guide_flow"),
     description="R2N2 in 3D: mean over the T steps of S(F, M o f_t) (MSE or 1 - local NCC) + "
                 "r2n2_tv_weight * isotropic TV of the final voxel field; Adam with AMSGrad; "
                 "Gaussian DropConnect on the recurrent units",
