@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from deepreglib.methods.dnet.method import cube_direction, load_dnet
+from deepreglib.methods.dnet.method import cube_direction, inference_passes, load_dnet
 from deepreglib.methods.dnet.training import pose_errors
 from deepreglib.methods.weights import models_dir
 from deepreglib.run.validate import native_views
@@ -89,6 +89,9 @@ def main(argv=None) -> int:
     p.add_argument("--sets", nargs="+", default=list(SETS), choices=SETS)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", default=str(RESULTS))
+    p.add_argument("--passes", type=int, nargs="+", default=None,
+                   help="forward passes to score, each a row (default: the card's inference_passes)")
+    p.add_argument("--tag", default="", help="added to the results file's name")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     model, card = load_dnet(args.weights, torch.device("cpu"))
@@ -96,16 +99,19 @@ def main(argv=None) -> int:
     direction = cube_direction(card)
     out = {"date": datetime.date.today().isoformat(), "weights": Path(args.weights).name,
            "weights_sha256": card["sha256"], "iterations": card.get("iterations"),
-           "grid_direction": list(direction), "sets": {}}
-    for name in args.sets:
+           "grid_direction": list(direction), "card_inference_passes": inference_passes(card), "sets": {}}
+    for name, passes in [(n, k) for n in args.sets for k in (args.passes or [inference_passes(card)])]:
         vols = views(name, size, direction)
         if not vols:
             print(f"{name}: no scans, skipped", flush=True)
             continue
         # pose s on scan s mod n; the view is the scan's own field of view already
-        r = pose_errors(model, vols, (size,) * 3, args.poses, field_of_view=(1.0, 1.0))
+        r = pose_errors(model, vols, (size,) * 3, args.poses, field_of_view=(1.0, 1.0), passes=passes)
+        if args.passes and len(args.passes) > 1:
+            name = f"{name} ({passes} passes)"
         true, e, terr = r["true_deg"], r["error_deg"], r["translation_error"]
-        out["sets"][name] = {"scans": len(vols), "poses": args.poses, "true_angle_median_deg": float(np.median(true)),
+        out["sets"][name] = {"scans": len(vols), "poses": args.poses, "passes": passes,
+                             "true_angle_median_deg": float(np.median(true)),
                              "rotation_error_median_deg": float(np.median(e)),
                              "rotation_error_p90_deg": float(np.percentile(e, 90)),
                              "rotation_error_mean_deg": float(np.mean(e)),
@@ -114,7 +120,8 @@ def main(argv=None) -> int:
                              "translation_error_median": float(np.median(terr)),
                              "errors_deg": [round(float(v), 2) for v in e]}
         print(name, {k: v for k, v in out["sets"][name].items() if k != "errors_deg"}, flush=True)
-    path = Path(args.out) / f"dnet-subjects-{out['date']}.json"
+    path = Path(args.out) / (f"dnet-subjects-{out['date']}-{args.tag}.json" if args.tag
+                             else f"dnet-subjects-{out['date']}.json")
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(out, indent=1))
     print(f"wrote {path}")

@@ -669,3 +669,39 @@ def test_pose_validation_reads_the_val_brains_natively_when_given_the_data(tmp_p
     from deepreglib.methods.dnet.training import pose_errors
     r = pose_errors(_pinned_dnet(np.eye(3), np.zeros(3)), [torch.zeros(1, 1, 8, 8, 8)], (16,) * 3, 6)
     assert score["rotation_median_deg"] == pytest.approx(float(np.median(r["true_deg"])), abs=1e-3)
+
+
+def test_later_passes_see_the_moving_scan_turned_by_the_pose_so_far_and_compose_the_residual():
+    """``pose_in_passes``: pass 2 is shown the moving image resampled through pass 1's pose onto
+    the fixed cube, and the result is ``A_1 A_2``; one pass is the plain prediction; a card
+    without ``inference_passes`` runs one pass, the recipe's cards say 2."""
+    from types import SimpleNamespace
+    from deepreglib.methods.dnet.method import inference_passes, pose_in_passes
+    from deepreglib.methods.dnet.training import INFERENCE_PASSES, _card_entries
+    poses = [(rotation_matrix((0.0, 1.0, 1.0), 0.7), np.array([0.05, 0.0, -0.1])),
+             (rotation_matrix((1.0, 0.0, 0.2), -0.15), np.array([-0.02, 0.03, 0.0]))]
+    seen = []
+
+    def stub(moving_view, fixed_view):
+        r, t = poses[len(seen)]
+        seen.append(moving_view.clone())
+        rt = torch.as_tensor(r, dtype=torch.float32)[None]
+        return SimpleNamespace(rotation=rt, translation=torch.as_tensor(t, dtype=torch.float32)[None],
+                               sixd=rotation_to_sixd(rt))
+    f_net = dnet_grid((5.0, -3.0, 12.0), 16, 3.0)
+    m_net = dnet_grid((-20.0, 8.0, 2.0), 16, 3.0)
+    moving_grid = Grid((20, 22, 18), (2.5, 2.2, 2.8), (-45.0, -20.0, -20.0), tuple(np.eye(3).ravel()))
+    pts = voxel_grid_points(moving_grid, torch.float64)[0].permute(1, 2, 3, 0).numpy()
+    moving = torch.as_tensor(_blob(pts, (-20.0, 8.0, 2.0)), dtype=torch.float32)[None, None]
+    fixed_view, moving_view = torch.rand(1, 1, 16, 16, 16), resample_to_grid(moving, moving_grid, m_net)
+    a1 = physical_rigid(*poses[0], f_net, m_net)
+    one, _ = pose_in_passes(stub, fixed_view, f_net, moving_view, m_net, moving, moving_grid, 1)
+    assert np.allclose(one, a1) and len(seen) == 1
+    seen.clear()
+    two, first = pose_in_passes(stub, fixed_view, f_net, moving_view, m_net, moving, moving_grid, 2)
+    assert np.allclose(two, a1 @ physical_rigid(*poses[1], f_net, f_net))
+    assert torch.equal(seen[0], moving_view) and torch.allclose(first[0], torch.as_tensor(poses[0][0], dtype=torch.float32))
+    assert torch.allclose(seen[1], resample_to_grid(moving, moving_grid, f_net, a1), atol=1e-6)
+    assert float(seen[1].abs().sum()) > 1.0
+    assert inference_passes({}) == 1 and inference_passes({"inference_passes": 3}) == 3
+    assert _card_entries({})["inference_passes"] == INFERENCE_PASSES == 2

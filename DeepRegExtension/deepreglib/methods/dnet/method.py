@@ -135,6 +135,31 @@ def _predict(model, fixed_net: torch.Tensor, moving_net: torch.Tensor):
     return out.rotation[0], out.translation[0], out.sixd[0]
 
 
+def inference_passes(card: Optional[dict]) -> int:
+    """How many passes the model card says its network runs (``inference_passes``; 1 without)."""
+    passes = int((card or {}).get("inference_passes", 1))
+    if passes < 1:
+        raise ValueError(f"inference_passes must be >= 1, got {passes}")
+    return passes
+
+
+def pose_in_passes(model, fixed_view: torch.Tensor, fixed_net: Grid, moving_view: torch.Tensor, moving_net: Grid,
+                   moving: torch.Tensor, moving_grid: Grid, passes: int = 1):
+    """D-Net's pose as an LPS matrix (fixed point -> moving point) in ``passes`` forward passes.
+
+    The first pass sees the two views as given (``moving_view`` on ``moving_net``); each later
+    pass sees ``moving`` (intensities in [0, 1], on ``moving_grid``) resampled through the pose so
+    far onto the fixed view's cube, and its prediction, the residual pose, is composed on:
+    ``A = A_1 A_2 ... A_k``. Returns ``(matrix, (rotation, translation, sixd) of the first pass)``."""
+    rot, trans, sixd = _predict(model, fixed_view, moving_view)
+    matrix = physical_rigid(rot, trans, fixed_net, moving_net)
+    for _ in range(passes - 1):
+        seen = resample_to_grid(moving, moving_grid, fixed_net, matrix).to(fixed_view.device)
+        r2, t2, _ = _predict(model, fixed_view, seen)
+        matrix = matrix @ physical_rigid(r2, t2, fixed_net, fixed_net)
+    return matrix, (rot, trans, sixd)
+
+
 class DNetMethod(Method):
     """Rigid registration at any rotation by one D-Net forward pass.
 
@@ -144,10 +169,14 @@ class DNetMethod(Method):
         attention_link: which mutual non-local link the map is read from (0 = finest).
     """
 
-    def __init__(self, info, device, weights=None, query_point=None, attention_link: int = 0, **options):
+    def __init__(self, info, device, weights=None, query_point=None, attention_link: int = 0,
+                 passes: Optional[int] = None, **options):
         super().__init__(info, device, **options)
         self.model, card = self.load_weights(weights, ("DNet",), "a DNet", WEIGHTS_STEM, cached=True)
         self.direction = cube_direction(card)
+        self.passes = inference_passes(card) if passes is None else int(passes)
+        if self.passes < 1:
+            raise ValueError(f"passes must be >= 1, got {self.passes}")
         self.query_point = None if query_point is None else np.asarray(query_point, dtype=np.float64)
         if self.query_point is not None and self.query_point.shape != (3,):
             raise ValueError(f"query_point must be (x, y, z), got {self.query_point.shape}")
@@ -158,9 +187,8 @@ class DNetMethod(Method):
 
     def run(self, fixed, moving, grid: Grid, ctx: RunContext) -> MethodResult:
         ctx.check()
-        ctx.progress(0.1, "D-Net forward pass")
-        rot, trans, sixd = _predict(self.model, fixed, moving)
-        matrix = physical_rigid(rot, trans, grid, grid)
+        ctx.progress(0.1, "D-Net forward pass" + (f"es ({self.passes})" if self.passes > 1 else ""))
+        matrix, (rot, trans, sixd) = pose_in_passes(self.model, fixed, grid, moving, grid, moving, grid, self.passes)
         ctx.check()
         ctx.progress(0.6, "mutual-attention map")
         query = self.query_point if self.query_point is not None else grid_centre(grid)
@@ -176,6 +204,7 @@ class DNetMethod(Method):
                       matrix[:3, :3] @ grid_centre(grid) + matrix[:3, 3] - grid_centre(grid))),
                   "sixd": [float(v) for v in sixd],
                   "normalized_translation": [float(v) for v in trans],
+                  "passes": self.passes,
                   "attention_query_lps": [float(v) for v in query],
                   "attention_note": "fixed->moving attention weights of the query over the moving "
                                     "image as given to the network (after --init), max-normalised"})
@@ -215,10 +244,11 @@ def dnet_initializer(fixed, fixed_grid: Grid, moving, moving_grid: Grid, device=
     m = network_view(moving, moving_grid, m_net).to(device)
     if progress is not None:
         progress(0.5, "D-Net forward pass")
-    rot, trans, _ = _predict(model, f, m)
+    moving_norm = normalize_intensity(torch.as_tensor(moving).float().reshape(1, 1, *moving_grid.shape))
+    matrix, _ = pose_in_passes(model, f, f_net, m, m_net, moving_norm, moving_grid, inference_passes(card))
     if progress is not None:
         progress(1.0, "D-Net pose done")
-    return physical_rigid(rot, trans, f_net, m_net)
+    return matrix
 
 
 def unit_translation_scale(shape: Sequence[int]) -> float:
