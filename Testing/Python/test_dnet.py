@@ -572,6 +572,12 @@ def test_pose_validation_scores_the_rotation_error_of_what_the_network_says(tmp_
     assert score["rotation_median_deg"] == pytest.approx(float(np.median(r["true_deg"])), abs=1e-3)
     assert r["true_deg"].max() > 120 and score["within_10_percent"] == 0.0  # new poses over the full range
     assert validate_pose(str(path), cache, poses=12) == score
+    # the network runs as inference runs it: in the card's passes (an identity net adds nothing)
+    two = save_model(_pinned_dnet(np.eye(3), np.zeros(3)), tmp_path / "dnet2",
+                     card={"grid_direction": list(CUBE_DIRECTION), "inference_passes": 2})
+    score2 = validate_pose(str(two), cache, poses=12)
+    assert score["passes"] == 1 and score2["passes"] == 2 and score2["views"] == "cache, 2 passes"
+    assert score2["rotation_median_deg"] == pytest.approx(score["rotation_median_deg"], abs=1e-3)
 
 
 def test_dnet_training_views_jitter_the_field_of_view():

@@ -72,11 +72,12 @@ def validate_pose(weights: Optional[str], cache, poses: int = 40, device="cpu", 
     as inference shows them (:func:`native_views`: their own tilt and field of view); else as the
     cache holds them (aligned to its reference, laid out in the card's ``grid_direction``), which
     hides the native tilt: the same brains score 10.9 deg there and 21.3 deg natively (step 45175).
-    ``weights`` ``None``: the shipped ones."""
+    The network runs as inference runs it: in the card's ``inference_passes`` (ledger views
+    ``"native, 2 passes"`` from 2026-12-08). ``weights`` ``None``: the shipped ones."""
     import json
     from pathlib import Path
     from ..core.geometry import reorient_volume
-    from ..methods.dnet.method import WEIGHTS_STEM, cube_direction, load_dnet
+    from ..methods.dnet.method import WEIGHTS_STEM, cube_direction, inference_passes, load_dnet
     from ..methods.dnet.training import pose_errors
     from ..methods.weights import shipped_weights
     model, card = load_dnet(weights or shipped_weights(WEIGHTS_STEM), torch.device(device))
@@ -90,9 +91,11 @@ def validate_pose(weights: Optional[str], cache, poses: int = 40, device="cpu", 
         subjects, grid = load_cache(cache, "val", ["ixi_muse"])
         vols = [reorient_volume(s.image, grid.direction, cube_direction(card)).contiguous() for s in subjects]
         from ..methods.dnet.training import FIELD_OF_VIEW_RANGE as field_of_view
-    found = pose_errors(model, vols, (size,) * 3, poses, field_of_view=field_of_view)
+    passes = inference_passes(card)  # as inference runs the network
+    found = pose_errors(model, vols, (size,) * 3, poses, field_of_view=field_of_view, passes=passes)
     err = found["error_deg"]
-    return {"poses": int(err.size), "subjects": len(vols), "views": "native" if data is not None else "cache",
+    views = ("native" if data is not None else "cache") + (f", {passes} passes" if passes > 1 else "")
+    return {"poses": int(err.size), "subjects": len(vols), "views": views, "passes": passes,
             "rotation_median_deg": float(np.median(err)), "rotation_p90_deg": float(np.percentile(err, 90)),
             "within_10_percent": float(100.0 * np.mean(err <= 10.0)),
             "translation_error_median": float(np.median(found["translation_error"]))}
