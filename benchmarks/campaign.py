@@ -81,12 +81,14 @@ RECIPES = {
     #: --ema 0.999 from 2026-12-07T19:30 (the val median had moved within 22.3-23.4 deg for 750 steps)
     "sam": ["--shape", "64", "80", "64", "--lr", "0.0001", "--real-fraction", "0.9", "--sam-max-angle", "25",
             "--ema", "0.999", *BF16],
-    #: SAME's deformable half, SAM-VoxelMorph (from 2026-12-07T23:00): the shipped weights (600
-    #: steps on synthetic pairs and 4 OASIS scans at 48^3) with the campaign's SAM swapped in as its
-    #: frozen embeddings (``same_vxm``'s after-init hook), trained as voxelmorph was when its
-    #: campaign began (lr 3e-4, the label term at weight 1, 80 % real pairs), so the ledger compares
-    #: the two at equal CPU hours (issue 17: "same beats voxelmorph at equal budget")
-    "same": ["--lr", "0.0003", "--label-weight", "1.0", "--real-fraction", "0.8", *BF16],
+    #: SAME's deformable half, SAM-VoxelMorph. 2026-12-07T22:48-23:49: the shipped weights (600
+    #: steps on synthetic pairs and 4 OASIS scans) with the campaign's SAM swapped in, at lr 3e-4
+    #: (val 0.484 -> 0.518 in 600 steps, 0.09 behind voxelmorph). From 2026-12-08T00:10 a new run
+    #: (START_FROM): the U-Net of the shipped voxelmorph (12975 steps, val 0.6058) with the SAM
+    #: correlation's input weights at zero, trained on voxelmorph's recipe of now (lr 3e-5): from
+    #: the same point, at equal steps, the ledger says what the SAM correlation adds
+    #: (issue 17: "same beats voxelmorph at equal budget")
+    "same": ["--lr", "0.00003", "--label-weight", "1.0", "--real-fraction", "0.8", *BF16],
     #: AMDF (from 2026-12-07T23:30): the shipped weights (1600 steps on synthetic pairs and 4 OASIS
     #: scans at 48^3; its ROI network keeps 97.6-98.7 % of real val brains in its mask) trained on
     #: the cache's labelled scans with the paper's label terms: the cross-entropy of the warped
@@ -98,6 +100,10 @@ RECIPES = {
 }
 #: the ``deepreg train`` recipe of each campaign method whose recipe has another name
 TRAIN_NAME = {"same": "same_vxm"}
+#: methods whose new run starts from another method's shipped weights instead of their own
+#: (``--init-from``): ``(method, the recipe's option)``; the weights are copied into the run
+#: folder when it starts (``start_METHOD.pt``), so every chunk names the same file
+START_FROM = {"same": ("voxelmorph", "--same-vxm-unet-from")}
 #: the ``deepreg register --method`` name validating each training recipe's model
 INFER_NAME = {"carnet": "carnet", "voxelmorph": "voxelmorph", "dnet": "dnet", "sam": "same-affine", "same": "same",
               "amdf": "amdf"}
@@ -220,9 +226,16 @@ def run_chunk(method: str, args, session: str) -> dict:
     cmd = [sys.executable, "-m", "deepreglib", "train", TRAIN_NAME.get(method, method), "--out", str(run), "--cache", args.cache,
            "--shape", *map(str, args.shape), "--threads", str(args.threads), "--checkpoint-every", "25",
            "--log-every", "50", *(a.format(models=MODELS) for a in RECIPES[method])]  # a recipe's own --shape wins
-    if start < 0:
+    if start < 0 and method in START_FROM:
+        run.mkdir(parents=True, exist_ok=True)
+        for suffix in (".pt", ".json"):
+            shutil.copyfile(MODELS / f"{START_FROM[method][0]}{suffix}", run / f"start_{START_FROM[method][0]}{suffix}")
+        start = 0
+    elif start < 0:
         cmd += ["--init-from", str(MODELS / f"{method}.pt")]
         start = int(json.loads((MODELS / f"{method}.json").read_text()).get("iterations", 0))
+    if method in START_FROM and (run / f"start_{START_FROM[method][0]}.pt").is_file():
+        cmd += [START_FROM[method][1], str(run / f"start_{START_FROM[method][0]}.pt")]
     candidate = Path(args.runs) / "candidates" / method / f"{method}.pt"
     candidate.parent.mkdir(parents=True, exist_ok=True)
     cmd += ["--steps", str(start + args.chunk * CHUNK_SCALE.get(method, 1)), "--export", str(candidate)]
@@ -233,7 +246,8 @@ def run_chunk(method: str, args, session: str) -> dict:
     if earlier and int(earlier[-1]["to_step"]) < start:
         start = int(earlier[-1]["to_step"])
     hours, loss, dice_loss = chunk_stats(run, start, end, args.threads)
-    total = (float(earlier[-1]["cpu_hours_total"]) if earlier else 0.0) + hours
+    restarted = bool(earlier) and start < int(earlier[-1]["to_step"])  # a new run (START_FROM)
+    total = (float(earlier[-1]["cpu_hours_total"]) if earlier and not restarted else 0.0) + hours
     score = validate_model(method, str(candidate), args.cache, args)
     shipped = shipped_score(method, args.cache, args, Path(args.runs) / "shipped-scores.json")
     exported, sha = False, ""
@@ -275,10 +289,19 @@ def plot(out: Path) -> Path:
     ax = fig.add_subplot(1, 2 if pose else 1, 1)
     for method in sorted({r["method"] for r in rows} - set(pose)):
         sel = [r for r in rows if r["method"] == method]
-        # the first point: the weights the campaign started from, at 0 campaign hours
-        hours = [0.0] + [float(r["cpu_hours_total"]) for r in sel]
-        dice = [float(sel[0]["shipped_val_dice"])] + [float(r["val_dice"]) for r in sel]
-        ax.plot(hours, dice, "o-", label=method)
+        runs, cut = [], 0  # a run restarted from other weights (START_FROM) is its own line
+        for i in range(1, len(sel) + 1):
+            if i == len(sel) or int(sel[i]["from_step"]) < int(sel[i - 1]["to_step"]):
+                runs.append(sel[cut:i])
+                cut = i
+        for k, part in enumerate(runs):
+            # the first point: the weights the run started from, at 0 campaign hours (for a new
+            # run from other weights, whose start is not what was shipped, its first chunk)
+            hours = ([0.0] if k == 0 else []) + [float(r["cpu_hours_total"]) for r in part]
+            dice = ([float(part[0]["shipped_val_dice"])] if k == 0 else []) + [float(r["val_dice"]) for r in part]
+            label = method if k == 0 else f"{method} (new run from {START_FROM[method][0]})" if method in START_FROM \
+                else f"{method} (run {k + 1})"
+            ax.plot(hours, dice, "o-" if k == 0 else "^-", label=label)
     affine = [r for r in rows if r["method"] not in POSE_METHODS]
     if affine:
         ax.axhline(float(affine[-1]["val_dice_affine"]), color="grey", ls="--", label="affine alone")

@@ -434,3 +434,30 @@ def test_same_vxm_from_a_model_file_trains_on_the_current_sam_with_the_label_ter
 def json_iterations(model_file):
     import json
     return json.loads(model_file.with_suffix(".json").read_text()).get("iterations", 0)
+
+
+def test_a_sam_voxelmorph_started_from_a_voxelmorph_gives_its_field_and_learns_the_correlation(tmp_path):
+    """``--same-vxm-unet-from``: the U-Net and flow head are the voxelmorph's, the correlation's
+    input weights zero, so the field is the voxelmorph's to float error; training then moves
+    those weights (the correlation reaches the loss); a network of other channels is refused."""
+    from deepreglib.core.errors import BadInputError
+    from deepreglib.methods.same.training import unet_from_voxelmorph
+    from deepreglib.methods.voxelmorph.network import VoxelMorph
+    torch.manual_seed(0)
+    vxm = VoxelMorph()
+    with torch.no_grad():
+        vxm.flow.weight.normal_(0.0, 0.05)  # a field worth comparing
+    path = save_model(vxm, tmp_path / "vxm")
+    model = SAMVoxelMorph(sam=TINY_SAM)
+    unet_from_voxelmorph(model, path)
+    p = synth_pair((32, 32, 32), seed=4, max_std=2.0)
+    with torch.no_grad():
+        ours, theirs = model(p.moving, p.fixed).displacement, vxm.eval()(p.moving, p.fixed).displacement
+    assert float(theirs.abs().max()) > 0.05 and float((ours - theirs).abs().max()) < 1e-5
+    injected = model.unet.down[2].conv.weight
+    assert float(injected[:, 32:].abs().max()) == 0.0
+    total, _ = same_vxm_loss(model, {"fixed": p.fixed, "moving": p.moving})
+    total.backward()
+    assert float(injected.grad[:, 32:].abs().sum()) > 0
+    with pytest.raises(BadInputError, match="same encoder and decoder|same channels"):
+        unet_from_voxelmorph(SAMVoxelMorph(sam=TINY_SAM, encoder=(8, 8, 8, 8), decoder=(8, 8, 8, 8, 8, 8)), path)

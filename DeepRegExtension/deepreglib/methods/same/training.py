@@ -151,6 +151,10 @@ def _same_vxm_arguments(p) -> None:
                    help="same_vxm: trained SAM model file (.pt); default $DEEPREG_SAM_WEIGHTS or sam.pt")
     p.add_argument("--same-vxm-sam-weight", type=float, default=SAM_WEIGHT,
                    help="same_vxm: weight gamma of the SAM similarity loss (SAME: 0.5)")
+    p.add_argument("--same-vxm-unet-from", default=None, metavar="VOXELMORPH.pt",
+                   help="same_vxm, a new run: start the U-Net from a trained voxelmorph (the SAM "
+                        "correlation's input weights at zero, so it starts as that voxelmorph and "
+                        "learns what the correlation adds)")
 
 
 def _build_same_vxm(args):
@@ -164,7 +168,47 @@ def _build_same_vxm(args):
     sam = getattr(sam, "sam", sam)
     model = SAMVoxelMorph(sam=sam.config)
     model.sam.load_state_dict(sam.state_dict())
+    if getattr(args, "same_vxm_unet_from", None):
+        unet_from_voxelmorph(model, args.same_vxm_unet_from)
     return model
+
+
+def unet_from_voxelmorph(model, path) -> None:
+    """Copy a trained :class:`~deepreglib.methods.voxelmorph.network.VoxelMorph`'s U-Net and flow
+    head into ``model`` (a :class:`SAMVoxelMorph` of the same channels). The injected block has
+    the correlation's channels besides the voxelmorph's: their input weights start at zero, so
+    the model's output starts exactly as the voxelmorph's."""
+    from ..voxelmorph.network import VoxelMorph
+    from ..weights import load_model
+    vxm, _ = load_model(path)
+    if not isinstance(vxm, VoxelMorph):
+        raise BadInputError(f"--same-vxm-unet-from {path} holds a {type(vxm).__name__}, not a VoxelMorph")
+    theirs, ours = vxm.state_dict(), {k: v for k, v in model.state_dict().items() if not k.startswith("sam.")}
+    if set(theirs) != set(ours):
+        raise BadInputError(f"--same-vxm-unet-from {path}: its layers differ from this SAM-VoxelMorph's; "
+                            "give a voxelmorph with the same encoder and decoder channels")
+    with torch.no_grad():
+        for name, value in ours.items():
+            src = theirs[name]
+            if src.shape == value.shape:
+                value.copy_(src)
+            elif src.ndim == 5 and src.shape[0] == value.shape[0] and src.shape[1] < value.shape[1]:
+                value.zero_()  # the injected block: the correlation's input weights start at zero
+                value[:, :src.shape[1]].copy_(src)
+            else:
+                raise BadInputError(f"--same-vxm-unet-from {path}: {name} is {tuple(src.shape)} there and "
+                                    f"{tuple(value.shape)} here; give a voxelmorph of the same channels")
+
+
+def _same_vxm_card(cfg):
+    """The card of a run started from a voxelmorph names it (file, sha256, steps)."""
+    from ...io.models import read_model_card
+    path = cfg.get("same_vxm_unet_from")
+    if not path:
+        return {}
+    card = read_model_card(path)
+    return {"unet_from_voxelmorph": {"file": Path(str(path)).name, "sha256": card.get("sha256"),
+                                     "iterations": card.get("iterations")}}
 
 
 def _same_vxm_terms(model, batch, reg_weight: float, sam_weight: float):
@@ -213,7 +257,7 @@ _OPTIONS = ({"add_arguments": _same_vxm_arguments}
 
 SAME_VXM = TrainingRecipe(
     build=_build_same_vxm, loss=_same_vxm_loss, lr=1e-4, terms=("ncc_loss", "sam_loss", "grad", "dice_loss"), **_OPTIONS,
-    after_init_from=_fresh_sam,
+    after_init_from=_fresh_sam, card_entries=_same_vxm_card,
     description="SAM-VoxelMorph: (1 - local NCC) + reg_weight (lambda=1) * Grad(u) + 0.5 (gamma) * "
                 "(1 - <e_f, warped e_m>), frozen SAM correlation (27 channels) before the third U-Net block, "
                 "+ label_weight * (1 - Dice) of the pair's label maps when label_weight > 0")
