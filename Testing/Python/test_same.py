@@ -461,3 +461,14 @@ def test_a_sam_voxelmorph_started_from_a_voxelmorph_gives_its_field_and_learns_t
     assert float(injected.grad[:, 32:].abs().sum()) > 0
     with pytest.raises(BadInputError, match="same encoder and decoder|same channels"):
         unet_from_voxelmorph(SAMVoxelMorph(sam=TINY_SAM, encoder=(8, 8, 8, 8), decoder=(8, 8, 8, 8, 8, 8)), path)
+
+
+def test_validation_passes_method_options_so_same_can_be_scored_on_its_trained_step(small_cache, tmp_path):
+    """``validate(..., options=)`` reaches the method: SAME validated on SAM-VoxelMorph alone
+    gives a field; its affine step alone gives none, which validation refuses."""
+    from deepreglib.run.validate import validate
+    path = _same_file(tmp_path)
+    score = validate("same", str(path), small_cache, pairs=2, options={"steps": "voxelmorph"})
+    assert score["pairs"] == 2 and 0.0 < score["dice"] <= 1.0
+    with pytest.raises(ValueError, match="no displacement"):
+        validate("same", str(path), small_cache, pairs=2, options={"steps": "affine"})

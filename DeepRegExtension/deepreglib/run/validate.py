@@ -20,7 +20,8 @@ def validation_pairs(n: int, count: int):
     return pairs[:count]
 
 
-def validate(method: str, weights: Optional[str], cache, pairs: int = 10, device="cpu") -> Dict[str, float]:
+def validate(method: str, weights: Optional[str], cache, pairs: int = 10, device="cpu",
+             options: Optional[Dict[str, object]] = None) -> Dict[str, float]:
     """Mean label Dice (over labels present, then pairs) and folding percent of ``method`` with
     ``weights`` (``None``: the shipped ones) on ``pairs`` pairs of the cache's ``val`` split; also
     the Dice of the affine alignment alone, the baseline every network must beat."""
@@ -30,7 +31,7 @@ def validate(method: str, weights: Optional[str], cache, pairs: int = 10, device
     subjects = [s for s in subjects if s.labels is not None]
     if len(subjects) < 2:
         raise ValueError(f"{cache} has fewer than 2 labelled val subjects")
-    options = {"weights": weights} if weights else {}
+    options = {**(options or {}), **({"weights": weights} if weights else {})}  # e.g. SAME's steps
     m = create_method(method, torch.device(device), **options)
     before, after, folding = [], [], []
     with torch.no_grad():
