@@ -253,7 +253,7 @@ def run_chunk(method: str, args, session: str) -> dict:
     if earlier and int(earlier[-1]["to_step"]) < start:
         start = int(earlier[-1]["to_step"])
     hours, loss, dice_loss = chunk_stats(run, start, end, args.threads)
-    restarted = bool(earlier) and start < int(earlier[-1]["to_step"])  # a new run (START_FROM)
+    restarted = bool(earlier) and method in START_FROM and start == 0  # a new run (START_FROM)
     total = (float(earlier[-1]["cpu_hours_total"]) if earlier and not restarted else 0.0) + hours
     score = validate_model(method, str(candidate), args.cache, args)
     shipped = shipped_score(method, args.cache, args, Path(args.runs) / "shipped-scores.json")
@@ -298,7 +298,7 @@ def plot(out: Path) -> Path:
         sel = [r for r in rows if r["method"] == method]
         runs, cut = [], 0  # a run restarted from other weights (START_FROM) is its own line
         for i in range(1, len(sel) + 1):
-            if i == len(sel) or int(sel[i]["from_step"]) < int(sel[i - 1]["to_step"]):
+            if i == len(sel) or (int(sel[i]["from_step"]) == 0 and int(sel[i - 1]["to_step"]) > 0):
                 runs.append(sel[cut:i])
                 cut = i
         for k, part in enumerate(runs):
