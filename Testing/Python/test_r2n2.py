@@ -176,7 +176,7 @@ def test_the_adaptive_stop_waits_while_steps_still_pay():
     def half_voxel_step(fixed_, warped_, state, place=None):
         n = fixed_.shape[0]
         return (torch.zeros(n, 3), torch.eye(3).expand(n, 3, 3), torch.full((n, 3), 1e4),
-                torch.tensor([[0.0, 0.0, 0.5 / 7.5]]).expand(n, 3), torch.full((n, 3), 2.0), state, [])
+                torch.tensor([[0.0, 0.0, 0.5 / 7.5]]).expand(n, 3), torch.full((n, 3), 2.0), state, [], None)
 
     net.step = half_voxel_step
     with torch.no_grad():

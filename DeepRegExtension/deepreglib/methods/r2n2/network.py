@@ -339,13 +339,13 @@ class R2N2(nn.Module):
                 m.noise = (1.0 + self.weight_noise * torch.randn_like(m.weight)) if on else None
 
     def step(self, fixed: torch.Tensor, warped: torch.Tensor, state: List[Optional[torch.Tensor]],
-             place: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, List[torch.Tensor],
-                        List[torch.Tensor]]:
+             place: Optional[torch.Tensor] = None):
         """One recurrence step: ``(centre, rotation, widths, weight, certainty, new_state,
-        position_maps)`` with shapes ``(N, 3)``, ``(N, 3, 3)``, ``(N, 3)``, ``(N, 3)``, ``(N, L)``,
-        the GRU states, and ``(N, V_l)`` per resolution. ``place`` ``(N, 3)`` (teacher forcing):
-        the parameters are read for a deformation there, not at the network's own centre, which
-        is still returned."""
+        position_maps, flow)`` with shapes ``(N, 3)``, ``(N, 3, 3)``, ``(N, 3)``, ``(N, 3)``,
+        ``(N, L)``, the GRU states, ``(N, V_l)`` per resolution, and the flow head's
+        ``(N, 3, d, h, w)`` (``None`` without the head or outside training). ``place`` ``(N, 3)``
+        (teacher forcing): the parameters are read for a deformation there, not at the network's
+        own centre, which is still returned."""
         x = torch.cat([fixed, warped], dim=1)
         features, new_state = [], []
         for unit, h in zip(self.units, state):
@@ -353,12 +353,12 @@ class R2N2(nn.Module):
             features.append(x)
             new_state.append(h)
         centre, certainty, maps = self.position(features, fixed.shape[2:], self.strides)
-        self._flow = self.flow_head(features[0]) if self.flow_head is not None and self.training else None
+        flow = self.flow_head(features[0]) if self.flow_head is not None and self.training else None
         raw = self.parameter_net(features, centre if place is None else place, fixed.shape[2:], self.strides)
         rotation = rotation_from_6d(raw[:, :6])
         widths = widths_from_logits(raw[:, 6:9], self.s_max, self.s_min)
         weight = torch.tanh(raw[:, 9:12])
-        return centre, rotation, widths, weight, certainty, new_state, maps
+        return centre, rotation, widths, weight, certainty, new_state, maps, flow
 
     def forward(self, moving: torch.Tensor, fixed: torch.Tensor, steps: Optional[int] = None,
                 stop: Optional[AdaptiveStop] = None, return_fields: bool = False,
@@ -412,7 +412,7 @@ class R2N2(nn.Module):
         taken = 0
         for t in range(1, steps + 1):
             place = centre_guide(field).to(field.dtype) if centre_guide is not None else None
-            centre, rotation, widths, weight, certainty, state, step_maps = self.step(fixed, warped, state, place)
+            centre, rotation, widths, weight, certainty, state, step_maps, flow = self.step(fixed, warped, state, place)
             if place is not None:
                 predicted.append(centre)
                 centre = place
@@ -428,8 +428,8 @@ class R2N2(nn.Module):
                 warps.append(warped)
             if return_position_maps:
                 maps.append(step_maps)
-                if getattr(self, "_flow", None) is not None:
-                    flows.append(self._flow)
+                if flow is not None:
+                    flows.append(flow)
             if on_step is not None:
                 on_step(t, steps)
             if metric is not None:

@@ -27,8 +27,7 @@ from ...core.warp import warp
 
 DEFAULTS = {"steps": 25, "tv_weight": 0.1, "s_max": 0.3, "s_min": 0.0, "similarity": "mse", "weight_noise": 0.1,
             "bump_pairs": 0, "bump_voxels": 4.0, "readout_radius": 0.0, "supervised": 0.0,
-            "teacher": 1.0, "init_width": 0.0,
-            "flow_head": False}
+            "teacher": 1.0, "init_width": 0.0, "flow_head": False}
 
 
 def add_r2n2_arguments(p: argparse.ArgumentParser) -> None:
@@ -223,7 +222,8 @@ def r2n2_loss(model: R2N2, batch: Dict[str, torch.Tensor], args: argparse.Namesp
     pairs when asked). Returns the total and its terms: ``similarity`` (the mean over steps),
     ``final_similarity`` (``S(F, M o f_T)``), ``tv``."""
     fixed, moving = batch["fixed"], batch["moving"]
-    supervised = float(_arg(args, "supervised")) > 0 and "displacement" in batch
+    weight = float(_arg(args, "supervised"))
+    supervised = weight > 0 and "displacement" in batch
     step = int(getattr(args, "current_step", 0) or 0)
     forced = supervised and (step % 10) < round(10 * float(_arg(args, "teacher")))
     out = model(moving, fixed, return_warped=True, return_fields=supervised, return_position_maps=supervised,
@@ -235,10 +235,9 @@ def r2n2_loss(model: R2N2, batch: Dict[str, torch.Tensor], args: argparse.Namesp
     total = sim + _arg(args, "tv_weight") * tv
     terms = {"similarity": float(sim.detach()), "final_similarity": float(per_step[:, -1].detach().mean()),
              "tv": float(tv.detach())}
-    supervised = float(_arg(args, "supervised"))
-    if supervised > 0 and "displacement" in batch:
+    if supervised:
         guide, guide_terms = warm_start_terms(out, batch["displacement"], model.strides)
-        total = total + supervised * guide
+        total = total + weight * guide
         terms.update(guide_terms)
     label_weight = getattr(args, "label_weight", 0.0)
     if label_weight > 0 and "fixed_labels" in batch:

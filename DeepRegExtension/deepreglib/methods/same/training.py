@@ -168,7 +168,9 @@ def _build_same_vxm(args):
     sam = getattr(sam, "sam", sam)
     model = SAMVoxelMorph(sam=sam.config)
     model.sam.load_state_dict(sam.state_dict())
-    if getattr(args, "same_vxm_unet_from", None):
+    out = getattr(args, "out", None)
+    resumed = bool(out) and (Path(out) / "checkpoint.pt").is_file()  # the checkpoint's weights win
+    if getattr(args, "same_vxm_unet_from", None) and not resumed:
         unet_from_voxelmorph(model, args.same_vxm_unet_from)
     return model
 
@@ -251,12 +253,9 @@ def _same_vxm_loss(model, batch, args):
     return add_label_term(total, terms, batch, out.displacement, args)
 
 
-# The per-recipe option hook is newer than TrainingRecipe itself; without it the defaults apply.
-_OPTIONS = ({"add_arguments": _same_vxm_arguments}
-            if "add_arguments" in getattr(TrainingRecipe, "__dataclass_fields__", {}) else {})
-
 SAME_VXM = TrainingRecipe(
-    build=_build_same_vxm, loss=_same_vxm_loss, lr=1e-4, terms=("ncc_loss", "sam_loss", "grad", "dice_loss"), **_OPTIONS,
+    build=_build_same_vxm, loss=_same_vxm_loss, lr=1e-4, terms=("ncc_loss", "sam_loss", "grad", "dice_loss"),
+    add_arguments=_same_vxm_arguments,
     after_init_from=_fresh_sam, card_entries=_same_vxm_card,
     description="SAM-VoxelMorph: (1 - local NCC) + reg_weight (lambda=1) * Grad(u) + 0.5 (gamma) * "
                 "(1 - <e_f, warped e_m>), frozen SAM correlation (27 channels) before the third U-Net block, "
